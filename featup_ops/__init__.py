@@ -1,0 +1,56 @@
+"""FeatUp model code: backbones, JBU and implicit upsamplers, downsamplers, jitter, losses, checkpoints.
+
+Pure torch (plus timm); knows nothing of Ray, Zarr or object storage. Names are imported lazily (PEP 562), so
+``import featup_ops`` does no work and needs no GPU.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    # backbones
+    "load_backbone": "backbones",
+    "Backbone": "backbones",
+    "BackboneCfg": "backbones",
+    "list_backbones": "backbones",
+    # upsamplers
+    "JBULayer": "jbu",
+    "JBUUpsampler": "jbu",
+    "BilateralUpsampler": "baselines",
+    "BilinearUpsampler": "baselines",
+    "ImplicitUpsampler": "implicit",
+    "fit_implicit": "implicit",
+    # training pieces
+    "BlurDownsampler": "downsamplers",
+    "AttentionDownsampler": "downsamplers",
+    "Jitter": "jitter",
+    "sample_jitter": "jitter",
+    "apply_jitter": "jitter",
+    "UncertaintyHead": "losses",
+    "MultiViewObjective": "multiview",
+    # checkpoints
+    "save_upsampler": "checkpoint",
+    "load_upsampler": "checkpoint",
+    # configuration and errors
+    "JBUConfig": "config",
+    "JitterConfig": "config",
+    "LossConfig": "config",
+    "ImplicitConfig": "config",
+    "FeatupError": "errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featup_ops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

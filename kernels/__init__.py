@@ -1,0 +1,32 @@
+"""The JBU adaptive-conv op: exact torch reference (CPU path and oracle), CuPy kernels on CUDA, dispatch.
+
+``out[b,c,y,x] = sum_ij w[b,y,x,i,j] * x[b,c,y+i,x+j]`` with x ``(B,C,H+K-1,W+K-1)`` and w ``(B,H,W,K,K)``.
+Importing this package needs no GPU, no compiler and no CuPy.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "adaptive_conv": "dispatch",
+    "jbu_fused": "dispatch",
+    "adaptive_conv_reference": "reference",
+    "jbu_fused_reference": "reference",
+    "backend_for": "dispatch",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,31 @@
+"""Ray Data pipeline around featup_ops: sources, decode, featurizer stages, the Zarr feature store and its
+Datasink, the torch Dataset over stores, and the Ray Train wiring. Names are imported lazily."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "build_manifest": "sources",
+    "Manifest": "sources",
+    "FeaturizeConfig": "featurize",
+    "run_featurize": "featurize",
+    "open_store": "store",
+    "store_summary": "store",
+    "FeatureDataset": "dataset",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,109 @@
+"""Shared fixtures: one local Ray bound to 127.0.0.1, one real S3 server (moto) on loopback, sample photos.
+
+The S3 endpoint and fake credentials are put in the environment at configure time, before any Ray process
+starts, so Ray workers inherit them and s3fs finds the server through ``AWS_ENDPOINT_URL``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "pipeline" / "samples"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Ray must bind loopback only (DESIGN.md, "Running"); hub look-ups must fail fast, never retry for 45 s.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    port = _free_port()
+    os.environ["FEATUP_TEST_S3_PORT"] = str(port)
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+    os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    os.environ.pop("AWS_PROFILE", None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing means no GPU either
+        has_cuda = False
+    try:
+        import cupy  # noqa: F401
+
+        has_cupy = True
+    except Exception:
+        has_cupy = False
+    if has_cuda and has_cupy:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA and CuPy (run infra/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def samples_dir() -> Path:
+    """Folder of the real photos the project ships (JPEG, <= 640 px)."""
+    return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto) on 127.0.0.1; yields its endpoint URL. Buckets are per test."""
+    from moto.server import ThreadedMotoServer
+
+    port = int(os.environ["FEATUP_TEST_S3_PORT"])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request) -> str:
+    """A fresh, empty bucket on the loopback S3 server; yields ``s3://<name>``."""
+    import s3fs
+
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    if not fs.exists(name):
+        fs.mkdir(name)
+    yield f"s3://{name}"
+    fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, listening on 127.0.0.1 only; never attaches to a stray cluster."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=1_000_000_000,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
