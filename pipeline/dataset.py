@@ -1,0 +1,353 @@
+"""A torch ``Dataset`` over the complete rows of a feature store, for downstream training and probes.
+
+``FeatureDataset(store, "hires")[i]`` is the ``i``-th complete row (status 1; failed and pending rows are skipped):
+``{"features": (C, H, W) float32, "row": int, "image_id": str}`` plus ``"label"`` when a
+:class:`pipeline.labels.LabelSource` is given (``(Hl, Wl)`` int64 classes, 255 = ignore, or float32 depth),
+aligned with the image the featurize job saw.
+
+Fork and pickle safety (``../shared/reference/ray-zarr-cupy-notes.md`` section 3): the constructor reads the store's
+metadata and drops its handle; every process (each DataLoader worker, a Ray task) opens its own handle lazily on
+first read, keyed by process id, and the handle is never pickled. fsspec/s3fs async filesystems are not fork-safe,
+so no open handle ever crosses a fork.
+
+Fast reads: zarr reads one inner chunk (one row) per sample; :meth:`FeatureDataset.__getitems__` (which a
+``DataLoader`` with a batch sampler calls with the whole batch) reads each run of consecutive rows with ONE
+selection, so zarr fetches and decodes the chunks of a shard concurrently, and :class:`ShardBatchSampler` builds
+batches of consecutive rows inside one shard (shuffled between and within shards per epoch) so every batch is such
+a run.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.errors import ConfigError, StoreError
+
+__all__ = ["FeatureDataset", "ShardBatchSampler", "StoreGeometry", "Crop", "Channels"]
+
+Crop = tuple[int, int, int, int]
+"""``(top, left, height, width)`` in the pixel grid of the array being read."""
+
+Channels = int | slice | tuple[int, int] | None
+"""Channel selection: None = all, ``k`` = the first k (e.g. leading PCA components), ``(start, stop)`` or a slice."""
+
+FEATURE_ARRAYS = ("lowres", "hires", "implicit")
+"""Row-aligned feature arrays a dataset can read."""
+
+STATUS_COMPLETE = 1
+
+
+@dataclass(frozen=True)
+class StoreGeometry:
+    """What the featurize job did to each image, from the store's attributes: input ``(H, W)`` and resize policy."""
+
+    input_size: tuple[int, int]
+    policy: str
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> StoreGeometry:
+        size = _first(attrs, "input_size")
+        policy = _first(attrs, "resize_policy", "policy", "resize")
+        if size is None or policy is None:
+            raise StoreError(
+                "store attributes lack input_size or resize policy; it was not written by pipeline.featurize"
+            )
+        return cls(_pair(size), str(policy))
+
+
+def _first(attrs: dict[str, Any], *names: str) -> Any:
+    for n in names:
+        if attrs.get(n) is not None:
+            return attrs[n]
+    return None
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    a, b = v
+    return int(a), int(b)
+
+
+def _channel_slice(channels: Channels, total: int) -> slice:
+    if channels is None:
+        return slice(0, total)
+    if isinstance(channels, slice):
+        start, stop, step = channels.indices(total)
+        if step != 1:
+            raise ConfigError("channels must be a contiguous range (slice step 1)")
+        return slice(start, stop)
+    if isinstance(channels, (int, np.integer)):
+        if not 0 < int(channels) <= total:
+            raise ConfigError(f"channels={channels} out of range; the store has {total} channels")
+        return slice(0, int(channels))
+    start, stop = channels
+    if not 0 <= start < stop <= total:
+        raise ConfigError(f"channels={channels} out of range; the store has {total} channels")
+    return slice(int(start), int(stop))
+
+
+class FeatureDataset(Dataset):
+    """Complete rows of a feature store as a torch ``Dataset``.
+
+    Args:
+        store: store URI, a local path or ``s3://bucket/key.zarr``.
+        array: "hires", "lowres" or "implicit" (implicit rows count only where ``implicit_status`` is 1).
+        channels: channel selection (see :data:`Channels`).
+        crop: ``(top, left, height, width)`` window of the array's pixel grid; labels are cropped to the same
+            window of the image (scaled when the array's size differs from the input size by an integer factor).
+        labels: a :class:`pipeline.labels.LabelSource` joined by image id; items then carry ``"label"``.
+        storage_options: fsspec options for ``s3://`` stores (endpoint from ``AWS_ENDPOINT_URL`` otherwise).
+        rows: restrict to these manifest rows (e.g. a train/val split); rows that are not complete are dropped.
+
+    Items: ``{"features": (C', H', W') float32, "row": int, "image_id": str[, "label": (Hl, Wl)]}``.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        array: str = "hires",
+        *,
+        channels: Channels = None,
+        crop: Crop | None = None,
+        labels: Any = None,
+        storage_options: dict[str, Any] | None = None,
+        rows: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        from pipeline.store import complete_rows, open_store, read_attrs
+
+        if array not in FEATURE_ARRAYS:
+            raise ConfigError(f"unknown feature array {array!r}; choose one of {', '.join(FEATURE_ARRAYS)}")
+        self.store = str(store)
+        self.array = array
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.labels = labels
+        group = open_store(self.store, mode="r", storage_options=self.storage_options)
+        self.attrs: dict[str, Any] = dict(read_attrs(group))
+        if array not in group:
+            raise StoreError(f"store {self.store} has no {array!r} array; featurize with the option that writes it")
+        arr = group[array]
+        self.array_shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
+        self.rows_per_shard = int(self.attrs.get("rows_per_shard") or (arr.shards or arr.chunks)[0])
+        done = np.asarray(complete_rows(group), dtype=np.int64)
+        if array == "implicit":
+            ok = np.asarray(group["implicit_status"][:]) == STATUS_COMPLETE
+            done = done[ok[done]]
+        if rows is not None:
+            done = np.intersect1d(done, np.asarray(rows, dtype=np.int64))
+        self.rows: np.ndarray = np.sort(done)
+        self._image_ids = _strings(group["image_id"][:])
+        self._uris = _strings(group["uri"][:]) if "uri" in group else None
+        self._orig_size = np.asarray(group["orig_size"][:]) if "orig_size" in group else None
+        self.geometry = StoreGeometry.from_attrs(self.attrs) if labels is not None else _maybe_geometry(self.attrs)
+        del group, arr  # no handle survives construction: workers open their own
+        _, c, h, w = self.array_shape
+        self._ch = _channel_slice(channels, c)
+        if crop is None:
+            self._ys, self._xs = slice(0, h), slice(0, w)
+        else:
+            top, left, ch_, cw = (int(v) for v in crop)
+            if top < 0 or left < 0 or ch_ <= 0 or cw <= 0 or top + ch_ > h or left + cw > w:
+                raise ConfigError(f"crop={crop} does not fit the {array} array's {h}x{w} grid")
+            self._ys, self._xs = slice(top, top + ch_), slice(left, left + cw)
+        self._label_window = self._label_crop() if labels is not None else None
+        self._pid: int | None = None
+        self._arr: Any = None
+
+    # ----------------------------------------------------------------------------------------- handles, pickling
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arr"], state["_pid"] = None, None
+        return state
+
+    def _array(self) -> Any:
+        """This process's handle on the feature array (opened on first use, reopened after a fork)."""
+        pid = os.getpid()
+        if self._arr is None or self._pid != pid:
+            from pipeline.store import open_store
+
+            self._arr = open_store(self.store, mode="r", storage_options=self.storage_options)[self.array]
+            self._pid = pid
+        return self._arr
+
+    # ---------------------------------------------------------------------------------------------- indexing
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def num_channels(self) -> int:
+        return self._ch.stop - self._ch.start
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.labels, "num_classes", None)
+
+    def image_id(self, i: int) -> str:
+        return str(self._image_ids[self.rows[i]])
+
+    def index_of_row(self, row: int) -> int:
+        """Dataset index of manifest row ``row``; raises ``KeyError`` when the row is not complete."""
+        j = int(np.searchsorted(self.rows, row))
+        if j >= len(self.rows) or int(self.rows[j]) != row:
+            raise KeyError(f"row {row} of {self.store} is not a complete row of {self.array!r}")
+        return j
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} complete rows")
+        row = int(self.rows[i])
+        block = self._array()[row, self._ch, self._ys, self._xs]
+        return self._item(row, np.asarray(block))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Read a batch: each run of consecutive manifest rows is ONE zarr selection (whole chunks/shards)."""
+        idx = [int(i) % len(self) if int(i) < 0 else int(i) for i in indices]
+        for i in idx:
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {i} out of range for {len(self)} complete rows")
+        rows = self.rows[idx]
+        order = np.argsort(rows, kind="stable")
+        arr = self._array()
+        items: list[dict[str, Any] | None] = [None] * len(idx)
+        start = 0
+        while start < len(order):
+            stop = start + 1
+            while stop < len(order) and rows[order[stop]] == rows[order[stop - 1]] + 1:
+                stop += 1
+            r0, r1 = int(rows[order[start]]), int(rows[order[stop - 1]])
+            block = np.asarray(arr[r0 : r1 + 1, self._ch, self._ys, self._xs])
+            for k in range(start, stop):
+                pos = int(order[k])
+                items[pos] = self._item(int(rows[pos]), block[int(rows[pos]) - r0])
+            start = stop
+        return items  # type: ignore[return-value]
+
+    def _item(self, row: int, block: np.ndarray) -> dict[str, Any]:
+        feats = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+        item: dict[str, Any] = {"features": feats, "row": row, "image_id": str(self._image_ids[row])}
+        if self.labels is not None:
+            item["label"] = self._label(row)
+        return item
+
+    # ------------------------------------------------------------------------------------------------ labels
+    def _label_crop(self) -> tuple[slice, slice]:
+        (ih, iw), (_, _, ah, aw) = self.geometry.input_size, self.array_shape
+        if (self._ys.start, self._xs.start, self._ys.stop, self._xs.stop) == (0, 0, ah, aw):
+            return slice(0, ih), slice(0, iw)
+        if ih % ah or iw % aw:
+            raise ConfigError(
+                f"crop on a {ah}x{aw} {self.array} array cannot be mapped onto the {ih}x{iw} labels "
+                "(sizes are not integer multiples); crop the high-res array instead"
+            )
+        fy, fx = ih // ah, iw // aw
+        return (slice(self._ys.start * fy, self._ys.stop * fy), slice(self._xs.start * fx, self._xs.stop * fx))
+
+    def _label(self, row: int) -> torch.Tensor:
+        g = self.geometry
+        orig = tuple(int(v) for v in self._orig_size[row]) if self._orig_size is not None else None
+        uri = str(self._uris[row]) if self._uris is not None else None
+        lab = self.labels.aligned(
+            str(self._image_ids[row]), size=g.input_size, policy=g.policy, orig_size=orig, uri=uri
+        )
+        ys, xs = self._label_window
+        return torch.from_numpy(np.ascontiguousarray(lab[ys, xs]))
+
+    # ---------------------------------------------------------------------------------------------- pictures
+    def source_pixels(self, row: int) -> np.ndarray | None:
+        """The row's source image decoded as the featurize job did: ``(H, W, 3) uint8``, or None when the source
+        cannot be read any more (moved or deleted)."""
+        from pipeline.decode import decode_image
+        from pipeline.sources import read_bytes
+
+        geom = self.geometry or _maybe_geometry(self.attrs)
+        if self._uris is None or geom is None:
+            return None
+        try:
+            data = read_bytes(str(self._uris[row]), self.storage_options)
+        except (OSError, ValueError):
+            return None
+        return np.asarray(decode_image(data, size=geom.input_size, policy=geom.policy).pixels)
+
+
+def _strings(values: Any) -> list[str]:
+    """A zarr string column (numpy StringDType) as a plain list of str (cheap to pickle to workers)."""
+    return [str(v) for v in np.asarray(values).tolist()]
+
+
+def _maybe_geometry(attrs: dict[str, Any]) -> StoreGeometry | None:
+    try:
+        return StoreGeometry.from_attrs(attrs)
+    except StoreError:
+        return None
+
+
+class ShardBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices whose rows are consecutive and inside one shard, for ``DataLoader(batch_sampler=)``.
+
+    Each batch is then one contiguous zarr selection in one shard (see :meth:`FeatureDataset.__getitems__`). With
+    ``shuffle`` the order of the batches is random per epoch (seeded by ``seed`` and :meth:`set_epoch`), and batch
+    boundaries are shifted by a random offset per shard, so the same rows do not always travel together.
+
+    Args:
+        dataset: the dataset (its ``rows`` and ``rows_per_shard`` define the shards).
+        batch_size: rows per batch (a shard's last batch may be smaller unless ``drop_last``).
+        shuffle: randomise batch order and boundaries per epoch.
+        seed: base seed.
+        drop_last: drop batches smaller than ``batch_size``.
+    """
+
+    def __init__(
+        self,
+        dataset: FeatureDataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        self.rows = np.asarray(dataset.rows)
+        self.rows_per_shard = int(dataset.rows_per_shard)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _runs(self) -> list[np.ndarray]:
+        """Dataset indices grouped by shard, split where rows are not consecutive (a failed row in between)."""
+        if len(self.rows) == 0:
+            return []
+        shard = self.rows // self.rows_per_shard
+        cut = np.flatnonzero((np.diff(shard) != 0) | (np.diff(self.rows) != 1)) + 1
+        return np.split(np.arange(len(self.rows)), cut)
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches: list[list[int]] = []
+        for run in self._runs():
+            offset = int(rng.integers(0, self.batch_size)) if self.shuffle and len(run) > self.batch_size else 0
+            edges = [0, *range(offset or self.batch_size, len(run), self.batch_size), len(run)]
+            for a, b in zip(edges, edges[1:]):
+                if b > a and (not self.drop_last or b - a == self.batch_size):
+                    batches.append(run[a:b].tolist())
+        if self.shuffle:
+            perm = rng.permutation(len(batches))
+            batches = [batches[i] for i in perm]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())

@@ -1,0 +1,211 @@
+"""FeatureDataset over real Zarr stores (local and s3:// on the loopback S3 server), DataLoader workers, labels."""
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pipeline.dataset import FeatureDataset, ShardBatchSampler
+from pipeline.decode import decode_image
+from pipeline.labels import (
+    COCO_STUFF_FINE_TO_COARSE,
+    IGNORE_INDEX,
+    LabelSource,
+    align_label,
+    resize_geometry,
+)
+from pipeline.store import FeatureStoreSchema, Status, create_or_open_store, write_shard
+
+N, C, LOW, HIGH, S = 7, 5, 4, 16, 3
+FAILED_ROW = 4
+INPUT = (16, 16)
+
+
+def make_store(uri: str, *, n: int = N, failed: tuple[int, ...] = (FAILED_ROW,), input_size=INPUT, policy="crop",
+               orig_sizes=None, ids=None, seed: int = 0) -> dict[str, np.ndarray]:
+    """A store in the documented layout, written shard by shard with pipeline.store's writer; returns the values."""
+    rng = np.random.default_rng(seed)
+    schema = FeatureStoreSchema(n_rows=n, channels=C, lowres_size=(LOW, LOW), output_size=(HIGH, HIGH),
+                                dtype="float16", rows_per_shard=S)
+    settings = {"backbone": "synthetic", "input_size": list(input_size), "resize_policy": policy}
+    group, _ = create_or_open_store(uri, schema, settings)
+    hires = rng.standard_normal((n, C, HIGH, HIGH)).astype(np.float16)
+    lowres = rng.standard_normal((n, C, LOW, LOW)).astype(np.float16)
+    status = np.full(n, Status.COMPLETE, np.uint8)
+    status[list(failed)] = Status.FAILED
+    hires[list(failed)] = 0
+    lowres[list(failed)] = 0
+    ids = np.array(ids if ids is not None else [f"img{i}" for i in range(n)])
+    orig = np.array(orig_sizes if orig_sizes is not None else [(16, 16)] * n, np.int32)
+    for k in range(schema.num_shards):
+        a, b = schema.shard_rows(k)
+        write_shard(group, k, {
+            "image_id": ids[a:b], "uri": np.array([f"mem://{i}.jpg" for i in ids[a:b]]),
+            "error": np.array(["bad" if s == Status.FAILED else "" for s in status[a:b]]),
+            "orig_size": orig[a:b], "valid_size": orig[a:b], "lowres": lowres[a:b], "hires": hires[a:b],
+            "status": status[a:b],
+        })
+    return {"hires": hires, "lowres": lowres, "status": status}
+
+
+def _check_all_rows(ds: FeatureDataset, values: dict[str, np.ndarray], loader) -> None:
+    seen = []
+    for batch in loader:
+        for j, row in enumerate(batch["row"].tolist()):
+            np.testing.assert_array_equal(batch["features"][j].numpy(), values[ds.array][row].astype(np.float32))
+            assert batch["image_id"][j] == f"img{row}"
+            seen.append(row)
+    assert sorted(seen) == [r for r in range(N) if r != FAILED_ROW]
+
+
+def test_values_equal_written_and_failed_rows_skipped(tmp_path):
+    uri = str(tmp_path / "s.zarr")
+    values = make_store(uri)
+    ds = FeatureDataset(uri, "hires")
+    assert len(ds) == N - 1 and FAILED_ROW not in ds.rows.tolist()
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["features"].dtype == torch.float32 and item["features"].shape == (C, HIGH, HIGH)
+        np.testing.assert_array_equal(item["features"].numpy(), values["hires"][item["row"]].astype(np.float32))
+    low = FeatureDataset(uri, "lowres", channels=2, crop=(1, 1, 2, 3))
+    item = low[0]
+    np.testing.assert_array_equal(item["features"].numpy(), values["lowres"][0, :2, 1:3, 1:4].astype(np.float32))
+    # batched path: arbitrary order, runs split around the failed row, same values as item by item
+    got = ds.__getitems__([5, 0, 3, 4, 1])
+    assert [g["row"] for g in got] == [ds.rows[i] for i in [5, 0, 3, 4, 1]]
+    for g in got:
+        np.testing.assert_array_equal(g["features"].numpy(), values["hires"][g["row"]].astype(np.float32))
+
+
+def test_shard_batch_sampler_batches_are_contiguous_within_shards(tmp_path):
+    uri = str(tmp_path / "s.zarr")
+    make_store(uri)
+    ds = FeatureDataset(uri)
+    sampler = ShardBatchSampler(ds, batch_size=2, shuffle=True, seed=1)
+    batches = list(sampler)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(ds)))
+    for b in batches:
+        rows = ds.rows[b]
+        assert len(set(rows // S)) == 1 and np.all(np.diff(rows) == 1)
+    sampler.set_epoch(1)
+    assert sorted(i for b in sampler for i in b) == flat
+
+
+def test_dataloader_two_workers_local(tmp_path):
+    uri = str(tmp_path / "s.zarr")
+    values = make_store(uri)
+    ds = FeatureDataset(uri, "hires")
+    ds[0]  # a handle opened in the parent must not leak into the workers
+    assert ds._arr is not None
+    state = pickle.loads(pickle.dumps(ds))
+    assert state._arr is None and len(state) == len(ds)
+    loader = DataLoader(ds, batch_sampler=ShardBatchSampler(ds, 2, seed=0), num_workers=2)
+    _check_all_rows(ds, values, loader)
+    _check_all_rows(ds, values, DataLoader(ds, batch_size=3, shuffle=True, num_workers=2))
+
+
+def test_dataloader_two_workers_s3(s3_bucket):
+    uri = f"{s3_bucket}/feats.zarr"
+    values = make_store(uri)
+    ds = FeatureDataset(uri, "hires")
+    assert len(ds) == N - 1
+    _check_all_rows(ds, values, DataLoader(ds, batch_sampler=ShardBatchSampler(ds, 2), num_workers=2))
+
+
+# ------------------------------------------------------------------------------------------------------ labels
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _stripes(h: int, w: int, period: int) -> np.ndarray:
+    """Label map of vertical stripes (class = column // period % 4) plus horizontal bands (+4 below the middle)."""
+    cols = (np.arange(w) // period) % 4
+    lab = np.broadcast_to(cols, (h, w)).copy()
+    lab[h // 2 :] += 4
+    return lab.astype(np.uint8)
+
+
+def test_resize_geometry_by_hand():
+    # crop: scale = max(20/30, 20/50) = 2/3 -> 50 * 2/3 = 33.3 -> 33 wide, centre window starts at (33 - 20) // 2
+    g = resize_geometry((30, 50), (20, 20), "crop")
+    assert (g.resized, g.offset, g.valid) == ((20, 33), (0, 6), (20, 20))
+    # pad: scale = min(20/30, 20/50) = 0.4 -> 12 x 20, pasted top-left
+    g = resize_geometry((30, 50), (20, 20), "pad")
+    assert (g.resized, g.offset, g.valid) == ((12, 20), (0, 0), (12, 20))
+    lab = np.zeros((30, 50), np.uint8)
+    lab[:, 25:] = 1  # right half: source columns 25.. -> resized columns >= 16.5 -> output columns >= 11 after crop
+    out = align_label(lab, (20, 20), "crop")
+    assert (out[:, :10] == 0).all() and (out[:, 10:] == 1).all()
+    out = align_label(lab, (20, 20), "pad")
+    assert (out[:12, :10] == 0).all() and (out[:12, 10:] == 1).all() and (out[12:] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("policy,orig", [("crop", (30, 50)), ("crop", (64, 40)), ("pad", (30, 50)), ("pad", (64, 40))])
+def test_label_alignment_matches_decode_geometry(policy, orig):
+    """A synthetic photo coloured by its own label map, decoded by the featurize decoder, must show the same map
+    as the aligned label (away from resampling boundaries)."""
+    h, w = orig
+    lab = _stripes(h, w, period=max(w // 6, 3))
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
+                        [0, 255, 255], [255, 255, 255]], np.uint8)
+    decoded = decode_image(_png(palette[lab]), size=(32, 32), policy=policy)
+    aligned = align_label(lab, (32, 32), policy)
+    g = resize_geometry((h, w), (32, 32), policy)
+    assert g.valid == decoded.valid_size
+    vh, vw = g.valid
+    if policy == "pad":
+        assert (aligned[vh:] == IGNORE_INDEX).all() and (aligned[:, vw:] == IGNORE_INDEX).all()
+    # colour of each decoded pixel -> nearest palette entry; compare where the label is locally constant
+    pix = decoded.pixels[:vh, :vw].astype(np.int32)
+    back = np.abs(pix[:, :, None, :] - palette[None, None].astype(np.int32)).sum(-1).argmin(-1)
+    a = aligned[:vh, :vw]
+    interior = np.ones_like(a, bool)
+    interior[1:-1, 1:-1] = (a[1:-1, 1:-1] == a[:-2, 1:-1]) & (a[1:-1, 1:-1] == a[2:, 1:-1]) & (
+        a[1:-1, 1:-1] == a[1:-1, :-2]) & (a[1:-1, 1:-1] == a[1:-1, 2:])
+    interior[[0, -1], :] = False
+    interior[:, [0, -1]] = False
+    assert interior.sum() > 20
+    assert (back[interior] == a[interior]).mean() > 0.98
+
+
+def test_coco_stuff_labels_through_dataset(tmp_path):
+    """COCO-Stuff fine ids -> coarse classes, joined by 12-digit COCO file name, aligned and cropped."""
+    uri = str(tmp_path / "s.zarr")
+    ids = [str(100 + i) for i in range(N)]
+    orig = (24, 32)
+    make_store(uri, ids=ids, orig_sizes=[orig] * N, policy="crop")
+    root = tmp_path / "stuffthingmaps"
+    root.mkdir()
+    fine = np.zeros(orig, np.uint8)
+    fine[:, 16:] = 93  # branch -> plant (22)
+    fine[:4, :] = 255  # unlabelled
+    for i in ids:
+        (root / f"{int(i):012d}.png").write_bytes(_png(fine))
+    src = LabelSource(str(root), "coco-stuff-27")
+    ds = FeatureDataset(uri, "hires", labels=src)
+    item = ds[0]
+    expect = align_label(np.where(fine == 255, 255, np.asarray(COCO_STUFF_FINE_TO_COARSE)[np.minimum(fine, 181)]),
+                         INPUT, "crop")
+    assert item["label"].dtype == torch.int64 and item["label"].shape == INPUT
+    np.testing.assert_array_equal(item["label"].numpy(), expect)
+    assert set(np.unique(expect)) == {COCO_STUFF_FINE_TO_COARSE[0], 22, IGNORE_INDEX}
+    # crop on the low-res grid maps onto the labels by the integer factor 16 / 4
+    low = FeatureDataset(uri, "lowres", crop=(1, 2, 2, 2), labels=src)
+    np.testing.assert_array_equal(low[0]["label"].numpy(), expect[4:12, 8:16])
+    # a label of the wrong size is refused, naming the image
+    (root / f"{int(ids[1]):012d}.png").write_bytes(_png(fine[:10]))
+    with pytest.raises(ValueError, match="101"):
+        ds[1]
+    loader = DataLoader(FeatureDataset(uri, "hires", labels=src, rows=[0, 2, 3]), batch_size=3, num_workers=2)
+    batch = next(iter(loader))
+    assert batch["label"].shape == (3, *INPUT) and batch["features"].shape == (3, C, HIGH, HIGH)
