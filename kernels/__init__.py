@@ -13,6 +13,10 @@ _EXPORTS: dict[str, str] = {
     "jbu_fused": "dispatch",
     "adaptive_conv_reference": "reference",
     "jbu_fused_reference": "reference",
+    "jbu_weights_reference": "reference",
+    "KernelError": "errors",
+    "KernelInputError": "errors",
+    "KernelBackendError": "errors",
     "backend_for": "dispatch",
 }
 

@@ -1,0 +1,54 @@
+// Shared helpers for the featup CUDA kernels (compiled by NVRTC through CuPy, or by nvcc in the compile check).
+// No CUDA headers are needed: half and bfloat16 are carried as 16-bit storage structs and converted with PTX /
+// bit operations, so NVRTC needs no include path on the target machine. All arithmetic is float32.
+#pragma once
+
+struct half_t { unsigned short bits; };
+struct bf16_t { unsigned short bits; };
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<half_t>(half_t v) {
+#ifdef FEATUP_HOST_EMULATION  // tests/test_kernel_sources_compile.py runs these kernels on the CPU (g++ _Float16)
+    _Float16 h;
+    __builtin_memcpy(&h, &v.bits, 2);
+    return (float)h;
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+#endif
+}
+template <> __device__ __forceinline__ float to_float<bf16_t>(bf16_t v) {
+    return __uint_as_float(((unsigned int)v.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float f);
+template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ half_t from_float<half_t>(float f) {
+    half_t r;
+#ifdef FEATUP_HOST_EMULATION
+    _Float16 h = (_Float16)f;
+    __builtin_memcpy(&r.bits, &h, 2);
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+#endif
+    return r;
+}
+template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float f) {
+    // round to nearest even; NaN stays a (quiet) NaN
+    unsigned int u = __float_as_uint(f);
+    bf16_t r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (unsigned short)((u >> 16) | 0x0040u);
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);
+        r.bits = (unsigned short)(u >> 16);
+    }
+    return r;
+}
+
+// Channels handled per thread: each tap's weight is loaded once and applied to FEATUP_CPT channels.
+#define FEATUP_CPT 4
+// Largest tap count per side the kernels support (grad_filter keeps one accumulator per tap of a row).
+#define FEATUP_MAX_K 15
