@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "Backbone": "backbones",
     "BackboneCfg": "backbones",
     "list_backbones": "backbones",
+    "PRESETS": "backbones",
     # upsamplers
     "JBULayer": "jbu",
     "JBUUpsampler": "jbu",
@@ -32,12 +33,20 @@ _EXPORTS: dict[str, str] = {
     # checkpoints
     "save_upsampler": "checkpoint",
     "load_upsampler": "checkpoint",
+    "checkpoint_hash": "checkpoint",
+    "register_upsampler": "checkpoint",
     # configuration and errors
     "JBUConfig": "config",
     "JitterConfig": "config",
     "LossConfig": "config",
     "ImplicitConfig": "config",
     "FeatupError": "errors",
+    "UnknownBackboneError": "errors",
+    "WeightsNotFoundError": "errors",
+    "WeightsMismatchError": "errors",
+    "CheckpointError": "errors",
+    "CheckpointNotFoundError": "errors",
+    "InputSizeError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
