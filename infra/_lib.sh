@@ -1,0 +1,135 @@
+# Shared by the infra/*.sh scripts (sourced, never run): paths, the project's Python environment, the
+# loopback-only Ray settings, token authentication, and starting/stopping a detached process by its own id.
+#
+# Every process these scripts start runs in its own session (setsid), so that stopping it means signalling
+# exactly that session and nothing else on the machine. `ray stop` is never used: it kills every Ray process
+# of the user, including other people's clusters and test sessions.
+
+INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$INFRA_DIR/.." && pwd)"
+# The environment whose `python` Ray jobs use: a job's `python` comes from the PATH of whoever ran `ray start`.
+FEATUP_VENV="${FEATUP_VENV:-$REPO_DIR/.venv}"
+# State (pidfiles, logs, Ray's temp dir). Short on purpose: Ray puts unix sockets under it (108-byte limit).
+FEATUP_RAY_DIR="${FEATUP_RAY_DIR:-/tmp/featup-ray-$(id -u)}"
+FEATUP_S3_DIR="${FEATUP_S3_DIR:-/tmp/featup-s3-$(id -u)}"
+# Seconds to wait for a started process to answer, and for a stopped one to exit before SIGKILL.
+FEATUP_START_TIMEOUT="${FEATUP_START_TIMEOUT:-90}"
+FEATUP_STOP_TIMEOUT="${FEATUP_STOP_TIMEOUT:-20}"
+
+die() {
+    echo "$(basename "$0"): $*" >&2
+    exit 1
+}
+
+info() {
+    echo "$*" >&2
+}
+
+use_venv() {
+    [ -x "$FEATUP_VENV/bin/python" ] || die "no Python environment at $FEATUP_VENV; run 'make env' or set FEATUP_VENV"
+    export PATH="$FEATUP_VENV/bin:$PATH"
+    export VIRTUAL_ENV="$FEATUP_VENV"
+}
+
+# Loopback only (DESIGN.md "Running"): with this variable in the environment of every Ray process, `ray start`
+# binds 127.0.0.1 and never advertises the machine's external address.
+ray_loopback_env() {
+    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    export RAY_USAGE_STATS_ENABLED=0
+}
+
+# Token authentication (Ray >= 2.52): every node and every client (`ray job submit`) needs RAY_AUTH_MODE=token and
+# the same token. The token comes from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else Ray's default
+# ~/.ray/auth_token, which a head generates here (with Ray's own `ray get-auth-token --generate`) when missing.
+# ray_token_env [generate|require]
+ray_token_env() {
+    local missing="${1:-generate}"
+    export RAY_AUTH_MODE=token
+    if [ -n "${RAY_AUTH_TOKEN:-}" ]; then
+        return 0
+    fi
+    if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        [ -s "$RAY_AUTH_TOKEN_PATH" ] || die "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is missing or empty; create it (e.g. python -c 'import secrets; print(secrets.token_hex(32), end=\"\")' > FILE; chmod 600 FILE) or unset it"
+        return 0
+    fi
+    if [ ! -s "$HOME/.ray/auth_token" ]; then
+        [ "$missing" = generate ] || die "no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); use the head's token"
+        ray get-auth-token --generate >/dev/null 2>&1 || die "could not generate a Ray auth token in ~/.ray/auth_token"
+        chmod 600 "$HOME/.ray/auth_token"
+        info "generated a new Ray auth token in ~/.ray/auth_token"
+    fi
+}
+
+# The lines a client shell needs to talk to the cluster's job API.
+print_client_exports() {
+    local dashboard_port="$1"
+    echo "export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dashboard_port"
+    echo "export RAY_AUTH_MODE=token"
+    if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+        echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
+    fi
+}
+
+free_port() {
+    python - <<'EOF'
+import socket
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+EOF
+}
+
+# pid_alive PIDFILE -> prints the pid and returns 0 when the pidfile names a live session leader.
+pid_alive() {
+    local pidfile="$1" pid sid
+    [ -f "$pidfile" ] || return 1
+    pid="$(cat "$pidfile")"
+    [ -n "$pid" ] || return 1
+    sid="$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ')"
+    [ "$sid" = "$pid" ] || return 1
+    echo "$pid"
+}
+
+# start_detached PIDFILE LOG CMD... : run CMD in a new session, detached from the terminal, recording its pid.
+start_detached() {
+    local pidfile="$1" log="$2"
+    shift 2
+    setsid "$@" </dev/null >"$log" 2>&1 &
+    echo $! >"$pidfile"
+}
+
+# session_pids SID -> the pids of every process still in session SID.
+session_pids() {
+    ps -e -o pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'
+}
+
+# stop_session PIDFILE NAME : SIGTERM the session leader the pidfile names, wait, then SIGKILL what is left of it.
+stop_session() {
+    local pidfile="$1" name="$2" sid pids waited=0
+    if ! sid="$(pid_alive "$pidfile")"; then
+        if [ -f "$pidfile" ]; then
+            sid="$(cat "$pidfile")"
+            pids="$(session_pids "$sid")"
+            [ -z "$pids" ] || kill -KILL $pids 2>/dev/null || true
+            rm -f "$pidfile"
+            info "$name: not running (removed a stale pidfile)"
+        else
+            info "$name: not running"
+        fi
+        return 0
+    fi
+    # SIGTERM to the session leader only: `ray start --block` then stops its children in order (raylet before
+    # GCS); signalling them all at once leaves the GCS waiting out its drain timeout.
+    kill -TERM "$sid" 2>/dev/null || true
+    while [ -n "$(session_pids "$sid")" ] && [ "$waited" -lt "$FEATUP_STOP_TIMEOUT" ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    pids="$(session_pids "$sid")"
+    if [ -n "$pids" ]; then
+        kill -KILL $pids 2>/dev/null || true
+        info "$name: killed what was left after ${FEATUP_STOP_TIMEOUT}s"
+    fi
+    rm -f "$pidfile"
+    info "$name: stopped (session $sid)"
+}
