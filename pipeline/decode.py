@@ -129,7 +129,10 @@ def decode_image(
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        with _bomb_limit(max_pixels):
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"image too large ({e}; decompression-bomb guard, limit {max_pixels} pixels)") from None
     except UnidentifiedImageError:
         raise DecodeError(f"not an image (unrecognised format, {len(data)} bytes)") from None
     except Exception as e:
@@ -144,6 +147,8 @@ def decode_image(
             img = _to_rgb(img)
     except DecodeError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"image too large ({e}; decompression-bomb guard)") from None
     except Exception as e:
         raise DecodeError(f"corrupt or truncated {img.format or 'image'} ({type(e).__name__}: {e})") from None
     w, h = img.size

@@ -39,6 +39,7 @@ import json
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -287,12 +288,42 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
     return out
 
 
+def _ensure_arrays(group: zarr.Group, schema: FeatureStoreSchema) -> None:
+    """Create every array of the layout that ``group`` lacks (all of them for a new store)."""
+    have = set(group.array_keys())
+    n, s = schema.n_rows, schema.rows_per_shard
+    rows = min(n, s)
+    compressor = CODECS[schema.codec]()
+    for name in ("image_id", "uri", "error"):
+        if name not in have:
+            group.create_array(name, shape=(n,), chunks=(rows,), dtype=str, fill_value="")
+    for name in ("orig_size", "valid_size"):
+        if name not in have:
+            group.create_array(name, shape=(n, 2), chunks=(rows, 2), dtype="int32", fill_value=0)
+    for name, row_shape in schema.feature_arrays().items():
+        if name not in have:
+            group.create_array(
+                name,
+                shape=(n, *row_shape),
+                chunks=(1, *row_shape),
+                shards=(rows, *row_shape),
+                dtype=schema.storage_dtype,
+                fill_value=0,
+                compressors=compressor,
+            )
+    extra = ["implicit_status"] if schema.implicit_size is not None else []
+    for name in [*extra, "status"]:
+        if name not in have:
+            group.create_array(name, shape=(n,), chunks=(rows,), dtype="uint8", fill_value=0)
+
+
 def create_or_open_store(
     uri: str,
     schema: FeatureStoreSchema,
     settings: dict[str, Any],
     *,
     storage_options: dict[str, Any] | None = None,
+    extra_attrs: Callable[[], dict[str, Any]] | None = None,
 ) -> tuple[zarr.Group, bool]:
     """Create the store's arrays and attributes, or reopen a store written with the same settings (resume).
 
@@ -301,6 +332,8 @@ def create_or_open_store(
         schema: shapes, dtype, codec.
         settings: JSON-able job settings that change the bytes (backbone, weights hash, upsampler, ...).
         storage_options: fsspec options for object stores.
+        extra_attrs: called only when the store is created; its attributes are stored but not fingerprinted
+            (e.g. the fitted PCA basis: derived from the settings, reused as stored on resume).
 
     Returns:
         ``(group, resumed)``; ``resumed`` is True when the store already existed with the same fingerprint.
@@ -329,37 +362,19 @@ def create_or_open_store(
                     f"store {uri!r} was written with other settings ({what}); rerun with the same settings to "
                     f"resume, or choose a new --output"
                 )
+            _ensure_arrays(existing, schema)
             return existing, True
-    group = zarr.open_group(store, mode="w")
-    n, s = schema.n_rows, schema.rows_per_shard
-    row_chunks = (min(n, s),)
-    compressor = CODECS[schema.codec]()
-    comp = {"compressors": compressor} if compressor is not None else {"compressors": None}
-    for name in ("image_id", "uri", "error"):
-        group.create_array(name, shape=(n,), chunks=row_chunks, dtype=str, fill_value="")
-    for name in ("orig_size", "valid_size"):
-        group.create_array(name, shape=(n, 2), chunks=(row_chunks[0], 2), dtype="int32", fill_value=0)
-    for name, row_shape in schema.feature_arrays().items():
-        group.create_array(
-            name,
-            shape=(n, *row_shape),
-            chunks=(1, *row_shape),
-            shards=(min(n, s), *row_shape),
-            dtype=schema.storage_dtype,
-            fill_value=0,
-            **comp,
-        )
-    if schema.implicit_size is not None:
-        group.create_array("implicit_status", shape=(n,), chunks=row_chunks, dtype="uint8", fill_value=0)
-    group.create_array("status", shape=(n,), chunks=row_chunks, dtype="uint8", fill_value=0)
     attrs = {
         **schema.to_dict(),
         **settings,
+        **(extra_attrs() if extra_attrs is not None else {}),
         "fingerprint": fp,
         "code_version": code_version(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    group.attrs[ATTRS_KEY] = json.loads(json.dumps(attrs, default=str))
+    # Attributes first, then arrays: a run killed in between leaves a store whose missing arrays a rerun creates.
+    group = zarr.open_group(store, mode="w", attributes={ATTRS_KEY: json.loads(json.dumps(attrs, default=str))})
+    _ensure_arrays(group, schema)
     return group, False
 
 

@@ -1,0 +1,46 @@
+"""Featurize any image source into a Zarr v3 feature store: a folder/prefix of images, webdataset tar shards or
+parquet files with image bytes, local or s3://.
+
+    python jobs/featurize.py --input /data/imgs --output out/imgs.zarr
+    python jobs/featurize.py --input s3://bucket/shards/ --kind tar --output s3://bucket/feats/shards.zarr
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/featurize.py --input ... --output ...
+
+With ``RAY_ADDRESS`` set (as ``ray job submit`` does) it joins that cluster; otherwise it starts a local Ray bound
+to 127.0.0.1. Rerunning the same command resumes; other settings into the same ``--output`` are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as `python jobs/featurize.py` without installing the package
+    sys.path.insert(0, str(REPO))
+
+from pipeline.featurize import add_featurize_args, config_from_args, main_from_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="folder/prefix, tar shard(s) or parquet file(s)")
+    parser.add_argument("--kind", default="auto", choices=["auto", "folder", "tar", "parquet", "coco"])
+    parser.add_argument("--split", default=None, help="COCO split, with --kind coco")
+    add_featurize_args(parser)
+    args = parser.parse_args(argv)
+    if not args.output:
+        parser.error("--output is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any Ray process starts
+    cfg = config_from_args(args)
+    return main_from_config(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The Ray Data stages of the featurize plan. Each batch row is one work unit = one store shard.
+
+- :func:`decode_units` (a task function): reads and decodes a unit's images; bad images become failed rows.
+- :class:`Featurizer` (a callable class, one per actor): backbone -> low-res features -> upsampler -> high-res
+  features, optional PCA, cast to the store dtype.
+
+Unit rows flow through as dicts of numpy arrays. Every per-row array of a unit is padded to ``rows_per_shard`` rows
+so all units have one fixed shape (the last shard's unused rows are zeros and are never written); ``n`` says how many
+rows are real. Strings travel as one JSON column (``meta``) to keep them out of Arrow tensor columns.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import MAX_PIXELS, decode_image
+from pipeline.errors import DecodeError
+from pipeline.sources import read_many
+
+__all__ = ["DecodeSpec", "ModelSpec", "decode_units", "Featurizer", "featurize_pixels"]
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How the decode stage turns bytes into pixels (see :func:`pipeline.decode.decode_image`)."""
+
+    input_size: tuple[int, int]
+    policy: str
+    min_side: int
+    rows_per_shard: int
+    max_pixels: int = MAX_PIXELS
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a :class:`Featurizer` builds in its actor: names and paths, never model objects.
+
+    Attributes:
+        backbone: backbone name for ``featup_ops.load_backbone``.
+        weights: its ``weights`` argument.
+        upsampler: checkpoint path/URI for ``featup_ops.load_upsampler``, or None for the fixed
+            ``featup_ops.BilateralUpsampler()``.
+        output_size: ``(H, W)`` of the high-res features.
+        dtype: store dtype name (``float16``, ``bfloat16``, ``float32``).
+        batch_size: images per forward pass.
+        pca: a :class:`pipeline.pca.PCABasis` ``to_dict()`` or None.
+        storage_options: fsspec options for weights / checkpoint URIs.
+        torch_threads: intra-op threads of the actor's torch (None: all cores of the node; see featurize docs).
+    """
+
+    backbone: str
+    weights: str | None
+    upsampler: str | None
+    output_size: tuple[int, int]
+    dtype: str
+    batch_size: int
+    pca: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = None
+    torch_threads: int | None = None
+
+
+def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
+    """Decode stage: work units in, pixels out (one output row per input row).
+
+    Args:
+        batch: ``shard (U,) int64``, ``start (U,) int64``, ``meta (U,) str`` (JSON with ``image_id`` and ``uri``
+            lists of the unit's rows).
+        spec: the :class:`DecodeSpec`.
+
+    Returns:
+        ``shard``, ``n`` ``(U,) int64``; ``pixels (U, S, H, W, 3) uint8``; ``ok (U, S) bool``; ``orig_size``,
+        ``valid_size`` ``(U, S, 2) int32``; ``meta`` JSON with ``image_id``, ``uri``, ``error`` lists.
+    """
+    s = spec.rows_per_shard
+    h, w = spec.input_size
+    units = len(batch["shard"])
+    pixels = np.zeros((units, s, h, w, 3), dtype=np.uint8)
+    ok = np.zeros((units, s), dtype=bool)
+    orig = np.zeros((units, s, 2), dtype=np.int32)
+    valid = np.zeros((units, s, 2), dtype=np.int32)
+    n_out = np.zeros(units, dtype=np.int64)
+    metas = []
+    for u in range(units):
+        meta = json.loads(str(batch["meta"][u]))
+        uris = meta["uri"]
+        n_out[u] = len(uris)
+        errors = [""] * len(uris)
+        for i, data in enumerate(read_many(uris, spec.storage_options, return_exceptions=True)):
+            if isinstance(data, BaseException):
+                errors[i] = f"read failed ({type(data).__name__}: {' '.join(str(data).split())[:200]})"
+                continue
+            try:
+                d = decode_image(
+                    data, size=(h, w), policy=spec.policy, min_side=spec.min_side, max_pixels=spec.max_pixels
+                )
+            except DecodeError as e:
+                errors[i] = e.reason
+                continue
+            pixels[u, i] = d.pixels
+            orig[u, i] = d.orig_size
+            valid[u, i] = d.valid_size
+            ok[u, i] = True
+        metas.append(json.dumps({**meta, "error": errors}))
+    return {
+        "shard": np.asarray(batch["shard"], dtype=np.int64),
+        "n": n_out,
+        "pixels": pixels,
+        "ok": ok,
+        "orig_size": orig,
+        "valid_size": valid,
+        "meta": np.asarray(metas, dtype=object),
+    }
+
+
+def _to_store_dtype(t: Any, dtype: str) -> np.ndarray:
+    import torch
+
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return t.to(getattr(torch, dtype)).numpy()
+
+
+def featurize_pixels(
+    pixels: np.ndarray,
+    backbone: Any,
+    upsampler: Any,
+    *,
+    output_size: tuple[int, int],
+    batch_size: int,
+    pca: Any = None,
+) -> tuple[Any, Any]:
+    """The model part of the pipeline, shared by the actors, the benchmark's bare loop and the tests.
+
+    Args:
+        pixels: ``(B, H, W, 3) uint8`` decoded images.
+        backbone: a ``featup_ops`` backbone.
+        upsampler: a ``featup_ops`` upsampler (``up(feats, image, output_size)``).
+        output_size: ``(H_out, W_out)``.
+        batch_size: images per forward pass.
+        pca: a :class:`pipeline.pca.PCABasis` applied to both outputs, or None.
+
+    Returns:
+        ``(lowres (B, C, h, w), hires (B, C, H_out, W_out))`` float32 tensors on the CPU (C = k with PCA).
+    """
+    import torch
+
+    from pipeline.decode import normalize
+    from pipeline.pca import apply_pca
+
+    device = next(iter(backbone.parameters())).device
+    lows, highs = [], []
+    with torch.inference_mode():
+        for start in range(0, len(pixels), batch_size):
+            x = normalize(pixels[start : start + batch_size], backbone.mean, backbone.std).to(device)
+            low = backbone(x)
+            if pca is not None and getattr(upsampler, "channel_agnostic", False):
+                # The upsampler's per-pixel weights do not depend on the features and sum to 1, so it commutes
+                # with the affine PCA map: project first and upsample k channels instead of C (C/k less work).
+                low = apply_pca(low, pca)
+                high = upsampler(low, x, output_size)
+            else:
+                high = upsampler(low, x, output_size)
+                if pca is not None:
+                    low, high = apply_pca(low, pca), apply_pca(high, pca)
+            lows.append(low.float().cpu())
+            highs.append(high.float().cpu())
+    return torch.cat(lows), torch.cat(highs)
+
+
+def build_models(spec: ModelSpec, device: str = "cpu") -> tuple[Any, Any]:
+    """Load the backbone and upsampler a spec names (the one place models are built from names)."""
+    import featup_ops
+
+    backbone = featup_ops.load_backbone(spec.backbone, spec.weights, storage_options=spec.storage_options)
+    if spec.upsampler:
+        upsampler = featup_ops.load_upsampler(spec.upsampler, storage_options=spec.storage_options)
+    else:
+        upsampler = featup_ops.BilateralUpsampler()
+    return backbone.to(device).eval(), upsampler.to(device).eval()
+
+
+class Featurizer:
+    """Featurizer stage (one instance per Ray actor): model loaded once, then units in, features out.
+
+    Args:
+        spec: the :class:`ModelSpec`.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        import torch
+
+        from pipeline.pca import PCABasis
+
+        self.spec = spec
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            # Ray sets OMP_NUM_THREADS to the actor's (fractional, rounded) CPU request, i.e. 1 thread; the model
+            # is the only compute-heavy stage, so it gets the node's cores (decode tasks are ~10x lighter).
+            torch.set_num_threads(spec.torch_threads or os.cpu_count() or 1)
+        self.backbone, self.upsampler = build_models(spec, self.device)
+        self.pca = PCABasis.from_dict(spec.pca) if spec.pca else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Featurize the good rows of each unit.
+
+        Args:
+            batch: rows of :func:`decode_units`' output.
+
+        Returns:
+            ``shard``, ``n``, ``orig_size``, ``valid_size``, ``meta`` passed through; ``lowres (U, S, C, h, w)``
+            and ``hires (U, S, C, H, W)`` in the store dtype (bfloat16 as uint16 bits; failed rows zero);
+            ``status (U, S) uint8`` (1 complete, 2 failed).
+        """
+        ok = np.asarray(batch["ok"], dtype=bool)
+        units, s = ok.shape
+        pixels = np.asarray(batch["pixels"])
+        good = np.flatnonzero(ok.reshape(-1))
+        if good.size == 0:  # every image of these units failed to decode: all-zero features, all rows failed
+            return self._output(batch, ok, None, None)
+        low, high = featurize_pixels(
+            pixels.reshape(units * s, *pixels.shape[2:])[good],
+            self.backbone,
+            self.upsampler,
+            output_size=self.spec.output_size,
+            batch_size=self.spec.batch_size,
+            pca=self.pca,
+        )
+        return self._output(batch, ok, low, high)
+
+    def _output(self, batch: dict[str, np.ndarray], ok: np.ndarray, low: Any, high: Any) -> dict[str, np.ndarray]:
+        units, s = ok.shape
+        good = np.flatnonzero(ok.reshape(-1))
+        c = self.pca.k if self.pca is not None else self.backbone.dim
+        in_h, in_w = np.asarray(batch["pixels"]).shape[2:4]
+        stride = self.backbone.stride
+        store_dtype = np.uint16 if self.spec.dtype == "bfloat16" else np.dtype(self.spec.dtype)
+        lowres = np.zeros((units * s, c, in_h // stride, in_w // stride), dtype=store_dtype)
+        hires = np.zeros((units * s, c, *self.spec.output_size), dtype=store_dtype)
+        if good.size:
+            lowres[good] = _to_store_dtype(low, self.spec.dtype)
+            hires[good] = _to_store_dtype(high, self.spec.dtype)
+        status = np.where(ok, 1, 2).astype(np.uint8)
+        return {
+            "shard": batch["shard"],
+            "n": batch["n"],
+            "orig_size": batch["orig_size"],
+            "valid_size": batch["valid_size"],
+            "meta": batch["meta"],
+            "lowres": lowres.reshape(units, s, *lowres.shape[1:]),
+            "hires": hires.reshape(units, s, *hires.shape[1:]),
+            "status": status,
+        }
