@@ -100,7 +100,9 @@ def upsampler_class(kind: str) -> type[nn.Module]:
         try:
             target = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise CheckpointError(f"upsampler kind {kind!r} needs {module_name}.{attr}, which is unavailable ({exc})") from exc
+            raise CheckpointError(
+                f"upsampler kind {kind!r} needs {module_name}.{attr}, which is unavailable ({exc})"
+            ) from exc
     return target
 
 
@@ -165,7 +167,9 @@ def _read(path: str, name: str, storage_options: Mapping | None) -> bytes:
         try:
             return fs.cat_file(_join(root, name))
         except FileNotFoundError:
-            raise CheckpointNotFoundError(f"checkpoint {path!r} has no {name} (is it a save_upsampler directory?)") from None
+            raise CheckpointNotFoundError(
+                f"checkpoint {path!r} has no {name} (is it a save_upsampler directory?)"
+            ) from None
     file = Path(path.removeprefix("file://")).expanduser() / name
     if not file.is_file():
         raise CheckpointNotFoundError(f"checkpoint {path!r} has no {name} (is it a save_upsampler directory?)")

@@ -275,7 +275,8 @@ def match_state_dict(
             features never use, e.g. a pruned classifier); they are dropped from the result.
 
     Returns:
-        The state dict restricted to ``target``'s keys, ready for ``load_state_dict(..., strict=False)`` (only optional keys can be absent).
+        The state dict restricted to ``target``'s keys, ready for ``load_state_dict(..., strict=False)`` (only
+        optional keys can be absent).
 
     Raises:
         WeightsMismatchError: naming missing keys, unexpected keys and shape mismatches.
@@ -297,7 +298,8 @@ def match_state_dict(
         if shapes:
             parts.append(f"shape mismatches (file vs model): {_listing(shapes)}")
         raise WeightsMismatchError(
-            f"weights {what} do not fit {owner}: " + "; ".join(parts) + " (the file must hold this timm model's state dict)"
+            f"weights {what} do not fit {owner}: " + "; ".join(parts)
+            + " (the file must hold this timm model's state dict)"
         )
     return {k: state_dict[k] for k in target if k in state_dict}
 
@@ -321,7 +323,8 @@ def map_in_order(
     """
     if len(state_dict) != len(target):
         raise WeightsMismatchError(
-            f"weights {what} hold {len(state_dict)} tensors but {owner} has {len(target)}; they cannot be mapped in order"
+            f"weights {what} hold {len(state_dict)} tensors but {owner} has {len(target)}; "
+            "they cannot be mapped in order"
         )
     bad = [
         f"{src_key} {tuple(src.shape)} -> {dst_key} {tuple(dst.shape)}"
@@ -387,7 +390,8 @@ def _hub_candidates(filename: str | None) -> list[str]:
     if filename is None:
         return ["model.safetensors", "pytorch_model.bin"]
     if filename.endswith(".bin"):
-        safe = "open_clip_model.safetensors" if filename == "open_clip_pytorch_model.bin" else filename[:-4] + ".safetensors"
+        open_clip = filename == "open_clip_pytorch_model.bin"
+        safe = "open_clip_model.safetensors" if open_clip else filename[:-4] + ".safetensors"
         return [safe, filename]
     return [filename]
 
