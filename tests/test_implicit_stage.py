@@ -1,0 +1,229 @@
+"""The implicit stage: rows written through Ray equal direct fits, resume after a crash, bad rows, odd sizes.
+
+One small store (5 sample photos at 32 px, a random ``test_vit`` backbone, 2 rows per shard -> 3 shards) is made
+once per module with the real featurize plan and the implicit plan beside it; the second-pass tests work on copies
+of it. Fits use a tiny ``ImplicitConfig`` (a few views and steps), so the numbers mean nothing, only the plumbing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BACKBONE = "test_vit"  # timm's tiny ViT (stride 16, 64 channels), random weights: fast and offline
+INPUT = 32
+IMPLICIT_SIZE = (20, 28)  # neither the input size nor square
+ROWS_PER_SHARD = 2
+N_IMAGES = 5
+SEED = 7
+
+
+def _tiny_cfg():
+    from featup_ops.config import IMPLICIT_PRESETS
+
+    return dataclasses.replace(
+        IMPLICIT_PRESETS["fast"], n_views=4, view_batch=4, pca_views=4, steps=4, views_per_step=2, proj_dim=8,
+        n_freqs=4, hidden_dim=16, early_stop=False,
+    )
+
+
+def _stage(**kw):
+    from pipeline.implicit_stage import ImplicitStageConfig
+
+    return ImplicitStageConfig(
+        implicit_cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, cpus_per_actor=0.5, seed=SEED, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def made(ray_local, samples_dir, tmp_path_factory):
+    """A featurized store with implicit features filled by the implicit plan run beside the featurize plan."""
+    from pipeline.featurize import FeaturizeConfig, run_featurize
+    from pipeline.implicit_stage import start_implicit
+    from pipeline.sources import build_manifest
+
+    root = tmp_path_factory.mktemp("implicit")
+    images = root / "images"
+    images.mkdir()
+    for p in sorted(samples_dir.glob("*.jpg"))[:N_IMAGES]:
+        shutil.copy(p, images / p.name)
+    store = str(root / "base.zarr")
+    run_featurize(
+        FeaturizeConfig(
+            input=str(images), output=store, backbone=BACKBONE, weights="random", input_size=INPUT,
+            rows_per_shard=ROWS_PER_SHARD, dtype="float32", actor_cpus=0.5, batch_size=4, quiet=True,
+        )
+    )
+    manifest = build_manifest(str(images))
+    counts = start_implicit(
+        store, _stage(), image_ids=manifest.image_ids, uris=manifest.uris, require_complete=False
+    ).wait()
+    assert counts["fitted"] == N_IMAGES and counts["failed"] == 0
+    return {"root": root, "store": store, "images": images}
+
+
+def _copy(made, name: str) -> str:
+    dst = made["root"] / name
+    shutil.copytree(made["store"], dst)
+    return str(dst)
+
+
+def _read(store: str):
+    from pipeline.store import open_store
+
+    g = open_store(store)
+    return (
+        np.asarray(g["implicit"][:]),
+        np.asarray(g["implicit_status"][:]),
+        [str(v) for v in np.asarray(g["implicit_error"][:]).tolist()],
+    )
+
+
+def _reset_implicit(store: str) -> None:
+    """Forget every implicit row (as if the store had been made without --implicit)."""
+    from pipeline.store import open_store
+
+    g = open_store(store, mode="r+")
+    g["implicit_status"][:] = 0
+    g["implicit"][:] = 0
+
+
+def _fit_in_process(store: str, stage, rows=None, limit=None) -> dict[str, int]:
+    """The second pass's stages (decode_units -> ImplicitFitter) run in this process, one unit at a time, no Ray."""
+    from pipeline.implicit_stage import (
+        ImplicitFitter, _decode_spec, add_implicit_arrays, implicit_units, pending_implicit_rows,
+    )
+    from pipeline.stages import decode_units
+    from pipeline.store import open_store, read_attrs
+
+    g = open_store(store, mode="r+")
+    add_implicit_arrays(g, stage)
+    pending = pending_implicit_rows(g, rows, limit)
+    ids, uris = ([str(v) for v in np.asarray(g[name][:]).tolist()] for name in ("image_id", "uri"))
+    units = implicit_units(pending, ROWS_PER_SHARD, ids, uris)
+    fitter = ImplicitFitter(store, stage)
+    totals = {"pending": len(pending), "units": len(units), "fitted": 0, "failed": 0, "skipped": 0}
+    for unit in units:
+        batch = decode_units({k: np.asarray([v]) for k, v in unit.items()}, _decode_spec(read_attrs(g), None))
+        for k, v in fitter(batch).items():
+            if k in totals:
+                totals[k] += int(v.sum())
+    return totals
+
+
+def test_stage_rows_equal_direct_fit(made):
+    """Rows written by the Ray actors equal fitting the same decoded image directly (fixed seed, non-square size)."""
+    import featup_ops
+    from pipeline.decode import decode_image
+    from pipeline.implicit_stage import ATTRS_KEY, fit_pixels
+    from pipeline.store import open_store
+
+    feats, status, errors = _read(made["store"])
+    assert feats.shape == (N_IMAGES, 64, *IMPLICIT_SIZE)
+    assert status.tolist() == [1] * N_IMAGES and errors == [""] * N_IMAGES
+    g = open_store(made["store"])
+    settings = g.attrs[ATTRS_KEY]
+    assert settings["output_size"] == list(IMPLICIT_SIZE) and settings["seed"] == SEED
+    assert g["implicit"].shards[0] == ROWS_PER_SHARD and g["implicit"].chunks[0] == 1
+
+    backbone = featup_ops.load_backbone(BACKBONE, "random")
+    uris = [str(u) for u in np.asarray(g["uri"][:]).tolist()]
+    for row in (3,):  # one image per call, in another group than the actor fitted it with: same result
+        pixels = decode_image(Path(uris[row]).read_bytes(), size=(INPUT, INPUT), policy="crop", min_side=16).pixels
+        direct = fit_pixels(pixels[None], backbone, cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, seed=SEED)
+        ref = direct[0].numpy()
+        assert np.isfinite(ref).all() and np.abs(ref).mean() > 0
+        np.testing.assert_allclose(feats[row], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_second_pass_resumes_after_crash(made):
+    """Crash after one shard (and mid-way through the next), rerun: the same bytes as the uninterrupted run."""
+    from pipeline.implicit_stage import FitImplicitConfig, run_fit_implicit
+    from pipeline.store import open_store
+
+    want, _, _ = _read(made["store"])
+    store = _copy(made, "crash.zarr")
+    _reset_implicit(store)
+    # The state a killed second pass leaves: shard 0 done by its actor; shard 1's features half written, its
+    # implicit_status never set; shard 2 untouched.
+    assert _fit_in_process(store, _stage(), limit=2)["fitted"] == 2  # the actor's code, in-process, shard 0
+    g = open_store(store, mode="r+")
+    g["implicit"][2:3] = np.full((1, *want.shape[1:]), 9.0, dtype=want.dtype)  # torn: features, no status
+    assert open_store(store)["implicit_status"][:].tolist() == [1, 1, 0, 0, 0]
+
+    result = run_fit_implicit(FitImplicitConfig(store=store, stage=_stage(), quiet=True))
+    assert result["pending"] == 3 and result["fitted"] == 3 and result["units"] == 2
+    feats, status, errors = _read(store)
+    assert status.tolist() == [1] * N_IMAGES and errors == [""] * N_IMAGES
+    np.testing.assert_allclose(feats, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+    again = run_fit_implicit(FitImplicitConfig(store=store, stage=_stage(), quiet=True))
+    assert again["pending"] == 0 and again["fitted"] == 0  # nothing left: a rerun is a no-op
+
+
+def test_second_pass_bad_rows_and_subset(made):
+    """Unreadable / undecodable sources become implicit_status 2 with a reason; --rows and --limit pick rows.
+
+    Runs the plan's two stages in-process (the Ray plan itself is covered above) to keep the suite fast.
+    """
+    from pipeline.errors import StoreMismatchError
+    from pipeline.implicit_stage import FitImplicitConfig, ImplicitStageConfig, run_fit_implicit
+    from pipeline.store import open_store
+
+    want, _, _ = _read(made["store"])
+    store = _copy(made, "bad.zarr")
+    _reset_implicit(store)
+    junk = made["root"] / "junk.jpg"
+    junk.write_bytes(b"\xff\xd8 this is not a jpeg")
+    g = open_store(store, mode="r+")
+    g["uri"][1:2] = np.asarray([str(junk)])
+    g["uri"][3:4] = np.asarray([str(made["root"] / "gone.jpg")])
+
+    result = _fit_in_process(store, _stage(), rows=(1, 3, 4, 0), limit=3)
+    assert result == {"pending": 3, "units": 2, "fitted": 1, "failed": 2, "skipped": 0}
+    feats, status, errors = _read(store)
+    assert status.tolist() == [1, 2, 0, 2, 0]  # row 4 is past --limit 3 of the chosen rows (0, 1, 3)
+    assert errors[0] == "" and errors[1] and errors[3]
+    assert "gone.jpg" in errors[3] or "not found" in errors[3].lower()
+    assert not feats[1].any() and not feats[3].any()  # failed rows keep the fill value
+    np.testing.assert_allclose(feats[0], want[0], rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+    with pytest.raises(StoreMismatchError, match="output_size"):  # other settings on the same store: refused
+        run_fit_implicit(
+            FitImplicitConfig(store=store, stage=dataclasses.replace(_stage(), output_size=(16, 16)), quiet=True)
+        )
+    with pytest.raises(ValueError, match="--rows"):
+        run_fit_implicit(FitImplicitConfig(store=store, stage=_stage(), rows=(99,), quiet=True))
+    assert isinstance(ImplicitStageConfig(preset="paper").fit_config().steps, int)
+    with pytest.raises(ValueError, match="--implicit-preset"):
+        ImplicitStageConfig(preset="slow")
+
+
+def test_job_cli(made, capsys):
+    """``jobs/fit_implicit.py``: adds the arrays at the store's hires size by default; bad input is one line, rc 2."""
+    import importlib.util
+
+    from pipeline.implicit_stage import ATTRS_KEY
+    from pipeline.store import open_store
+
+    store = _copy(made, "cli.zarr")
+    g = open_store(store, mode="r+")
+    for name in ("implicit", "implicit_status", "implicit_error"):
+        del g[name]
+    del g.attrs[ATTRS_KEY]
+    spec = importlib.util.spec_from_file_location("fit_implicit_job", Path(__file__).parents[1] / "jobs/fit_implicit.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main(["--store", store, "--limit", "0", "--implicit-gpus", "0"]) == 0  # nothing to fit, arrays made
+    g = open_store(store)
+    assert g["implicit"].shape == g["hires"].shape
+    assert g["implicit_status"][:].tolist() == [0] * N_IMAGES
+    assert g.attrs[ATTRS_KEY]["preset"] == "fast"
+    assert "0 pending" in capsys.readouterr().out
+    assert job.main(["--store", str(made["root"] / "missing.zarr")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no feature store" in err[0]
