@@ -28,6 +28,8 @@ use_venv
 ray_loopback_env
 ray_token_env
 
+# Ray's unix sockets live in $FEATUP_RAY_DIR/ray/session_<date>_<pid>/sockets/ (~66 more bytes; limit 107).
+[ "${#FEATUP_RAY_DIR}" -le 40 ] || die "FEATUP_RAY_DIR is too long for Ray's unix sockets (max 40 chars): $FEATUP_RAY_DIR"
 mkdir -p "$FEATUP_RAY_DIR"
 chmod 700 "$FEATUP_RAY_DIR"
 pidfile="$FEATUP_RAY_DIR/head.pid"
