@@ -19,6 +19,7 @@ a run.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,10 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.errors import ConfigError, StoreError
 
-__all__ = ["FeatureDataset", "ShardBatchSampler", "StoreGeometry", "Crop", "Channels"]
+__all__ = ["FeatureDataset", "ShardBatchSampler", "collate_features", "StoreGeometry", "Crop", "Channels"]
 
 Crop = tuple[int, int, int, int]
 """``(top, left, height, width)`` in the pixel grid of the array being read."""
@@ -134,6 +136,7 @@ class FeatureDataset(Dataset):
             raise StoreError(f"store {self.store} has no {array!r} array; featurize with the option that writes it")
         arr = group[array]
         self.array_shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
+        self._bfloat16 = self.attrs.get("dtype") == "bfloat16"
         self.rows_per_shard = int(self.attrs.get("rows_per_shard") or (arr.shards or arr.chunks)[0])
         done = np.asarray(complete_rows(group), dtype=np.int64)
         if array == "implicit":
@@ -159,12 +162,18 @@ class FeatureDataset(Dataset):
         self._label_window = self._label_crop() if labels is not None else None
         self._pid: int | None = None
         self._arr: Any = None
+        self._staging = threading.local()
 
     # ----------------------------------------------------------------------------------------- handles, pickling
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_arr"], state["_pid"] = None, None
+        del state["_staging"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._staging = threading.local()
 
     def _array(self) -> Any:
         """This process's handle on the feature array (opened on first use, reopened after a fork)."""
@@ -202,18 +211,25 @@ class FeatureDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} complete rows")
         row = int(self.rows[i])
-        block = self._array()[row, self._ch, self._ys, self._xs]
-        return self._item(row, np.asarray(block))
+        # torch's vectorised half -> float is several times faster than numpy's astype(float32); copy=True so a
+        # float32 store never hands out a view of the staging buffer
+        feats = self._as_tensor(self._read(row, row + 1)[0]).to(torch.float32, copy=True)
+        return self._item(row, feats)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """Read a batch: each run of consecutive manifest rows is ONE zarr selection (whole chunks/shards)."""
-        idx = [int(i) % len(self) if int(i) < 0 else int(i) for i in indices]
+        """Read a batch: each run of consecutive manifest rows is ONE zarr selection (whole chunks/shards).
+
+        The float32 features of the batch are written into ONE ``(B, C, H, W)`` tensor (in shared memory inside a
+        DataLoader worker, as ``default_collate`` would allocate it) and the items hold its rows as views, so
+        :func:`collate_features` can hand the batch on without the copy ``torch.stack`` makes.
+        """
+        idx = [int(i) + len(self) if int(i) < 0 else int(i) for i in indices]
         for i in idx:
             if not 0 <= i < len(self):
                 raise IndexError(f"index {i} out of range for {len(self)} complete rows")
         rows = self.rows[idx]
         order = np.argsort(rows, kind="stable")
-        arr = self._array()
+        batch = _new_batch((len(idx), *self.item_shape))
         items: list[dict[str, Any] | None] = [None] * len(idx)
         start = 0
         while start < len(order):
@@ -221,15 +237,63 @@ class FeatureDataset(Dataset):
             while stop < len(order) and rows[order[stop]] == rows[order[stop - 1]] + 1:
                 stop += 1
             r0, r1 = int(rows[order[start]]), int(rows[order[stop - 1]])
-            block = np.asarray(arr[r0 : r1 + 1, self._ch, self._ys, self._xs])
+            block = self._read(r0, r1 + 1)
             for k in range(start, stop):
                 pos = int(order[k])
-                items[pos] = self._item(int(rows[pos]), block[int(rows[pos]) - r0])
+                feats = batch[pos]
+                feats.copy_(self._as_tensor(block[int(rows[pos]) - r0]))
+                items[pos] = self._item(int(rows[pos]), feats)
             start = stop
         return items  # type: ignore[return-value]
 
-    def _item(self, row: int, block: np.ndarray) -> dict[str, Any]:
-        feats = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+    def loader(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_workers: int = 0,
+        **kwargs: Any,
+    ) -> torch.utils.data.DataLoader:
+        """A DataLoader with the fast path wired in: :class:`ShardBatchSampler` batches (one zarr read per batch)
+        and :func:`collate_features` (no stacking copy). ``kwargs`` go to ``DataLoader`` (``pin_memory``,
+        ``persistent_workers``, ``multiprocessing_context``, ...)."""
+        sampler = ShardBatchSampler(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        return torch.utils.data.DataLoader(
+            self, batch_sampler=sampler, collate_fn=collate_features, num_workers=num_workers, **kwargs
+        )
+
+    @property
+    def item_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one item's features (channel selection and crop applied)."""
+        return (self.num_channels, self._ys.stop - self._ys.start, self._xs.stop - self._xs.start)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` (channel slice and crop applied) as a view of this thread's staging buffer.
+
+        zarr decodes straight into a reused, already-paged-in buffer (``out=``) instead of allocating a fresh one
+        per read; the caller copies out (the float32 conversion does). Valid until this thread's next read.
+        """
+        arr = self._array()
+        n = stop - start
+        shape = (n, self.num_channels, self._ys.stop - self._ys.start, self._xs.stop - self._xs.start)
+        stage = getattr(self._staging, "buf", None)
+        if stage is None or stage.shape[0] < n or stage.shape[1:] != shape[1:] or stage.dtype != arr.dtype:
+            stage = np.empty((max(n, 1), *shape[1:]), dtype=arr.dtype)
+            self._staging.buf = stage
+        view = stage[:n]
+        arr.get_basic_selection(
+            (slice(start, stop), self._ch, self._ys, self._xs), out=NDBuffer.from_numpy_array(view)
+        )
+        return view
+
+    def _as_tensor(self, block: np.ndarray) -> torch.Tensor:
+        """Stored values as a tensor (bfloat16 bits reinterpreted), sharing memory with ``block``."""
+        t = torch.from_numpy(np.ascontiguousarray(block))
+        return t.view(torch.bfloat16) if self._bfloat16 else t
+
+    def _item(self, row: int, feats: torch.Tensor) -> dict[str, Any]:
         item: dict[str, Any] = {"features": feats, "row": row, "image_id": str(self._image_ids[row])}
         if self.labels is not None:
             item["label"] = self._label(row)
@@ -273,6 +337,37 @@ class FeatureDataset(Dataset):
         except (OSError, ValueError):
             return None
         return np.asarray(decode_image(data, size=geom.input_size, policy=geom.policy).pixels)
+
+
+def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty float32 batch tensor; in shared memory inside a DataLoader worker, so sending it to the main process
+    copies nothing (what ``default_collate`` does for the tensors it stacks)."""
+    if torch.utils.data.get_worker_info() is not None:
+        n = int(np.prod(shape))
+        storage = torch.UntypedStorage._new_shared(n * 4)
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    return torch.empty(shape, dtype=torch.float32)
+
+
+def collate_features(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` for :class:`FeatureDataset` items, without copying features that already sit in one batch
+    tensor (as :meth:`FeatureDataset.__getitems__` returns them): ``features`` becomes that tensor."""
+    from torch.utils.data import default_collate
+
+    feats = [it["features"] for it in items]
+    base = feats[0]
+    shared = (
+        base.dim() == 3
+        and base.storage_offset() == 0
+        and all(f.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() for f in feats)
+        and all(f.storage_offset() == j * base.numel() for j, f in enumerate(feats))
+        and base.untyped_storage().nbytes() == len(feats) * base.numel() * base.element_size()
+    )
+    if not shared:
+        return default_collate(items)
+    rest = default_collate([{k: v for k, v in it.items() if k != "features"} for it in items])
+    rest["features"] = base.as_strided((len(feats), *base.shape), (base.numel(), *base.stride()), 0)
+    return rest
 
 
 def _strings(values: Any) -> list[str]:

@@ -209,3 +209,19 @@ def test_coco_stuff_labels_through_dataset(tmp_path):
     loader = DataLoader(FeatureDataset(uri, "hires", labels=src, rows=[0, 2, 3]), batch_size=3, num_workers=2)
     batch = next(iter(loader))
     assert batch["label"].shape == (3, *INPUT) and batch["features"].shape == (3, C, HIGH, HIGH)
+
+
+def test_loader_batches_without_stacking_copy(tmp_path):
+    """__getitems__ writes one batch tensor; collate_features hands it on as is (same memory), values intact."""
+    from pipeline.dataset import collate_features
+
+    uri = str(tmp_path / "s.zarr")
+    values = make_store(uri)
+    ds = FeatureDataset(uri, "hires", channels=(1, 4), crop=(2, 3, 8, 9))
+    items = ds.__getitems__([3, 0, 1])
+    batch = collate_features(items)
+    assert batch["features"].data_ptr() == items[0]["features"].data_ptr()
+    assert batch["features"].shape == (3, 3, 8, 9) and batch["row"].tolist() == [ds.rows[3], 0, 1]
+    for j, row in enumerate(batch["row"].tolist()):
+        np.testing.assert_array_equal(batch["features"][j].numpy(), values["hires"][row, 1:4, 2:10, 3:12])
+    _check_all_rows(FeatureDataset(uri), values, FeatureDataset(uri).loader(2, num_workers=2))
