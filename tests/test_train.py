@@ -1,0 +1,197 @@
+"""Distributed JBU training through a real local Ray (Train V2, 2 CPU workers, gloo) and a real S3 server.
+
+Tiny settings keep it fast: 64 px crops with the real EfficientNet-Lite0 (2x2 feature grid), batch 2 per worker,
+a handful of steps. The runs are module-scoped and shared: one from s3:// (then resumed), one from a local folder
+(whose exported upsampler goes through the featurize job).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from featup_ops import load_upsampler
+from featup_ops.config import TrainConfig
+from pipeline.errors import ConfigError
+from pipeline.train import EXPORT_DIR, STATE_FILE, TrainJobConfig, read_metrics, run_training, split_rows
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+BASE = dict(
+    backbone="efficientnet_lite0", input_size=SIZE, batch_size=2, workers=2, cpus_per_worker=0.5, log_every=1,
+    val_images=2, jitters=2,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------- unit
+
+
+def test_defaults_are_the_methods():
+    cfg = TrainJobConfig(input="x", output="y")
+    m = TrainConfig()
+    assert (cfg.batch_size, cfg.lr, cfg.jitters, cfg.proj_dim, cfg.steps) == (
+        m.batch_size, m.lr, m.n_jitters, m.projection_dim, m.steps
+    )  # fmt: skip
+    assert (cfg.input_size, cfg.checkpoint_every, cfg.val_every) == (m.image_size, m.ckpt_every, m.val_every)
+    assert cfg.method_config() == m
+
+
+def test_config_round_trips_through_the_loop_dict():
+    cfg = TrainJobConfig(input="s3://b/in", output="s3://b/runs", backbones=("vit_s16", "dino_vits16"), steps=7)
+    again = TrainJobConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert again.backbone_names == ("vit_s16", "dino_vits16")
+    assert cfg.export_uri == f"s3://b/runs/jbu/{EXPORT_DIR}"
+
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [
+        ({"steps": 0}, "--steps"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"lr": 0.0}, "--lr"),
+        ({"val_images": -1}, "--val-images"),
+        ({"name": "a/b"}, "--name"),
+        ({"backbones": ("vit_s16", "dino_vits16"), "feature_agnostic": False}, "feature-agnostic"),
+    ],
+)
+def test_bad_settings_fail_with_one_line_naming_the_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag) as info:
+        TrainJobConfig(input="x", output="y", **kw)
+    assert "\n" not in str(info.value)
+
+
+def test_held_out_rows_are_the_last_and_every_worker_gets_one():
+    assert split_rows(8, 2, 2) == ([0, 1, 2, 3, 4, 5], [6, 7])
+    with pytest.raises(ConfigError, match="fewer than 4 workers"):
+        split_rows(5, 2, 4)
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("train_upsampler_job", REPO / "jobs" / "train_upsampler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_job_flags_map_onto_config_fields():
+    build_parser, config_from_args = _job().build_parser, _job().config_from_args
+
+    args = build_parser().parse_args(
+        ["--input", "in", "--output", "out", "--steps", "5", "--workers", "2", "--no-feature-agnostic",
+         "--batch-size", "3", "--proj-dim", "16", "--jitters", "2", "--val-images", "1", "--use-gpu"]
+    )  # fmt: skip
+    cfg = config_from_args(args)
+    assert (cfg.steps, cfg.workers, cfg.feature_agnostic, cfg.batch_size, cfg.proj_dim, cfg.jitters) == (
+        5, 2, False, 3, 16, 2
+    )  # fmt: skip
+    assert cfg.use_gpu and cfg.val_images == 1
+    defaults = config_from_args(build_parser().parse_args(["--input", "in", "--output", "out"]))
+    assert defaults == TrainJobConfig(input="in", output="out")
+
+
+# ---------------------------------------------------------------------------------------------- through Ray
+
+
+@pytest.fixture(scope="module")
+def s3_images(s3_server, samples_dir):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = "train-module"
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    for p in sorted(samples_dir.glob("*.jpg")):
+        fs.put_file(str(p), f"{bucket}/photos/{p.name}")
+    yield f"s3://{bucket}"
+    fs.rm(bucket, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def s3_runs(ray_local, s3_images):
+    """2 steps from s3://, then the same command with --steps 4 (a resume)."""
+    cfg = TrainJobConfig(
+        input=f"{s3_images}/photos", output=f"{s3_images}/runs", name="s3run", steps=2, checkpoint_every=1,
+        val_every=2, **BASE,
+    )  # fmt: skip
+    first = run_training(cfg)
+    first_rows = read_metrics(cfg)
+    second = run_training(dataclasses.replace(cfg, steps=4, checkpoint_every=2))
+    return cfg, first, first_rows, second
+
+
+def test_two_workers_train_from_s3_and_report_checkpoints_there(s3_runs, s3_images):
+    import s3fs
+
+    cfg, first, first_rows, _ = s3_runs
+    assert first["step"] == 2
+    assert [r["step"] for r in first_rows if r["split"] == "train"] == [1, 2]
+    fs = s3fs.S3FileSystem()
+    run = f"{s3_images[5:]}/runs/s3run"
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
+    assert {"checkpoint_0000002", "checkpoint_0000004", "metrics.csv", EXPORT_DIR} <= names
+    ckpt_files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoint_0000002")}
+    assert {"upsampler.safetensors", "upsampler.json", STATE_FILE} <= ckpt_files
+    val = [r for r in first_rows if r["split"] == "val"]
+    assert len(val) == 1 and val[0]["step"] == 2
+    for key in ("val_err_upsampler", "val_err_bilinear", "val_err_bilateral"):
+        assert 0 < val[0][key] < 10
+
+
+def test_a_rerun_with_the_same_name_continues_from_the_saved_step(s3_runs):
+    cfg, first, first_rows, second = s3_runs
+    assert second["step"] == 4
+    rows = read_metrics(cfg)
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]  # 3, 4 continue; no restart at 1
+    assert rows[: len(first_rows)] == first_rows
+    up = load_upsampler(cfg.export_uri)
+    assert up.checkpoint_meta["step"] == 4
+    assert up.checkpoint_meta["backbone"] == "efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, samples_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = TrainJobConfig(
+        input=str(samples_dir), output=str(out), name="local", steps=8, checkpoint_every=4, val_every=8, lr=3e-3,
+        **BASE,
+    )  # fmt: skip
+    return cfg, run_training(cfg)
+
+
+def test_loss_falls_over_a_short_run_from_a_local_folder(local_run):
+    cfg, result = local_run
+    losses = [r["loss"] for r in read_metrics(cfg) if r["split"] == "train"]
+    assert len(losses) == 8
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert result["metrics"]["val_ratio"] > 0
+
+
+def test_exported_upsampler_round_trips_into_load_upsampler_and_featurize(local_run, tmp_path, samples_dir):
+    from featup_ops import load_backbone
+    from featup_ops.checkpoint import checkpoint_hash
+    from pipeline.featurize import FeaturizeConfig, run_featurize
+    from pipeline.store import open_store, read_attrs
+
+    cfg, result = local_run
+    up = load_upsampler(result["upsampler"])
+    ckpt = load_upsampler(result["checkpoint"])  # the Ray checkpoint folder itself loads too
+    for a, b in zip(up.state_dict().values(), ckpt.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert up.checkpoint_meta["step"] == 8
+    bb = load_backbone("efficientnet_lite0")
+    img = torch.randn(1, 3, SIZE, SIZE)
+    assert up(bb(img), img).shape == (1, 320, SIZE, SIZE)
+
+    out = str(tmp_path / "feats.zarr")
+    counts = run_featurize(
+        FeaturizeConfig(input=str(samples_dir), output=out, limit=2, input_size=SIZE, upsampler=result["upsampler"],
+                        batch_size=2, quiet=True)
+    )  # fmt: skip
+    assert counts["complete"] == 2
+    attrs = read_attrs(open_store(out))
+    assert attrs["upsampler_checkpoint_hash"] == checkpoint_hash(result["upsampler"])
