@@ -35,7 +35,7 @@ from featup_ops.config import DEFAULT_IMPLICIT_PRESET, ImplicitConfig, implicit_
 from featup_ops.downsamplers import AttentionDownsampler, _shared_mask, downsample_strides
 from featup_ops.errors import InputSizeError
 from featup_ops.jitter import Jitter, apply_jitter, sample_jitter
-from featup_ops.losses import UncertaintyHead, blur_pin_loss, gaussian_nll, total_variation
+from featup_ops.losses import UncertaintyHead, blur_pin_loss, gaussian_nll
 
 __all__ = ["ImplicitUpsampler", "fit_implicit", "fit_pca", "min_max_scale"]
 
@@ -212,6 +212,13 @@ def fit_pca(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), comps.float()
 
 
+def _tv_per_image(x: torch.Tensor) -> torch.Tensor:
+    """(G, C, H, W) -> (G,) FeatUp's TV of each image (``losses.total_variation`` per batch element)."""
+    dv = (x[:, :, 1:] - x[:, :, :-1]).pow(2).flatten(1).sum(1)
+    dh = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).flatten(1).sum(1)
+    return (dv + dh) / x[0].numel()
+
+
 def _autocast(device: torch.device, amp: str):
     use = amp == "on" or (amp == "auto" and device.type == "cuda")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
@@ -386,11 +393,11 @@ def _fit_group(
             m = (low[:, :1] - target.norm(dim=1, keepdim=True)).pow(2).reshape(g, -1).mean(1)
             per = per + lc.magnitude_weight * m
         if lc.magnitude_tv_weight > 0:
-            per = per + lc.magnitude_tv_weight * torch.stack([total_variation(mag[i : i + 1]) for i in range(g)])
+            per = per + lc.magnitude_tv_weight * _tv_per_image(mag)
         if lc.blur_pin_weight > 0:
-            per = per + lc.blur_pin_weight * torch.stack(
-                [blur_pin_loss(hr[i : i + 1], lc.blur_kernel, lc.blur_sigma) for i in range(g)]
-            )
+            # one image at a time: a batch-1 conv rounds exactly as in a separate fit (NAdam amplifies rounding)
+            pin = torch.stack([blur_pin_loss(hr[i : i + 1], lc.blur_kernel, lc.blur_sigma) for i in range(g)])
+            per = per + lc.blur_pin_weight * pin
         opt.zero_grad(set_to_none=True)
         per.sum().backward()  # a sum: each image's gradients are those of its own fit
         opt.step()
