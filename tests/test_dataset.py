@@ -225,3 +225,76 @@ def test_loader_batches_without_stacking_copy(tmp_path):
     for j, row in enumerate(batch["row"].tolist()):
         np.testing.assert_array_equal(batch["features"][j].numpy(), values["hires"][row, 1:4, 2:10, 3:12])
     _check_all_rows(FeatureDataset(uri), values, FeatureDataset(uri).loader(2, num_workers=2))
+
+
+# ------------------------------------------------------------------------------ stores written by the featurize job
+
+
+@pytest.fixture(scope="module")
+def featurized(ray_local, samples_dir, tmp_path_factory):
+    """A store written by the real featurize job: 3 photos and one corrupt file (a failed row), 2 rows per shard."""
+    from pipeline.featurize import FeaturizeConfig, run_featurize
+
+    d = tmp_path_factory.mktemp("photos")
+    for name, src in (("a.jpg", "skate.jpg"), ("c.jpg", "cones2.jpg"), ("d.jpg", "plant.jpg")):
+        (d / name).write_bytes((samples_dir / src).read_bytes())
+    (d / "b.jpg").write_bytes(b"not a jpeg")
+    out = str(tmp_path_factory.mktemp("store") / "f.zarr")
+    counts = run_featurize(FeaturizeConfig(input=str(d), output=out, weights="random", input_size=64,
+                                           rows_per_shard=2, batch_size=4, quiet=True))
+    assert counts["complete"] == 3 and counts["failed"] == 1
+    return out
+
+
+def _expected(uri: str, array: str, storage_options=None) -> dict[int, np.ndarray]:
+    """What the job wrote, read with plain zarr (not through pipeline.store)."""
+    import zarr
+
+    store = uri if "://" not in uri else zarr.storage.FsspecStore.from_url(uri, read_only=True,
+                                                                           storage_options=storage_options or {})
+    g = zarr.open_group(store, mode="r")
+    status = np.asarray(g["status"][:])
+    return {int(r): np.asarray(g[array][int(r)]).astype(np.float32) for r in np.flatnonzero(status == 1)}
+
+
+def _check_featurized(uri: str) -> None:
+    for array in ("hires", "lowres"):
+        expect = _expected(uri, array, {"client_kwargs": {"endpoint_url": __import__("os").environ["AWS_ENDPOINT_URL"]}}
+                           if uri.startswith("s3://") else None)
+        assert sorted(expect) == [0, 2, 3]  # row 1 (b.jpg) failed and is skipped
+        ds = FeatureDataset(uri, array)
+        assert ds.rows.tolist() == [0, 2, 3]
+        seen = set()
+        for batch in ds.loader(2, num_workers=2):
+            for j, row in enumerate(batch["row"].tolist()):
+                np.testing.assert_array_equal(batch["features"][j].numpy(), expect[row])
+                seen.add(row)
+        assert seen == {0, 2, 3}
+        assert [ds[i]["image_id"] for i in range(3)] == ["a.jpg", "c.jpg", "d.jpg"]
+
+
+@pytest.mark.slow
+def test_featurized_store_local(featurized):
+    _check_featurized(featurized)
+
+
+@pytest.mark.slow
+def test_featurized_store_s3(featurized, s3_bucket):
+    import s3fs
+
+    s3fs.S3FileSystem().put(featurized, f"{s3_bucket}/f.zarr", recursive=True)
+    _check_featurized(f"{s3_bucket}/f.zarr")
+
+
+@pytest.mark.slow
+def test_store_rows_picture(featurized, tmp_path):
+    from pipeline.visualize import PANEL_GAP, render_store_rows
+
+    paths = render_store_rows(featurized, [0, 3], tmp_path)
+    assert [p.name for p in paths] == ["row000000_a.jpg.png", "row000003_d.jpg.png"]
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and im.size == (3 * 64 + 2 * PANEL_GAP, 64)
+            assert np.asarray(im)[:, :64].std() > 10  # the decoded source photo is shown, not a grey panel
+    with pytest.raises(KeyError, match="row 1"):
+        render_store_rows(featurized, [1], tmp_path)

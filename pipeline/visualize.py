@@ -1,0 +1,230 @@
+"""Pictures of features: PCA to RGB with one basis per image, side by side with the image, written as PNG.
+
+The low-res and high-res maps of an image are projected with ONE PCA basis fitted jointly on both, and coloured with
+one shared scale, so a colour means the same feature direction in both panels and the pictures show what the
+upsampler changed, not what a second basis would. Panels: ``[image | low-res | high-res]``, each shown at the
+image's size (feature maps enlarged with nearest neighbour, so patches stay visible).
+
+Two sources: rows of a feature store (:func:`render_store_rows`), and one image run through a backbone and an
+upsampler (:func:`render_image`).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+PCA_MAX_PIXELS = 50_000
+"""At most this many pixels (drawn evenly from all maps) fit the basis: enough for 3 stable components, cheap."""
+
+COLOR_QUANTILES = (0.01, 0.99)
+"""Each component is scaled so these quantiles (over all maps of the image) map to 0 and 255; outliers clip."""
+
+PANEL_GAP = 4
+"""White pixels between panels."""
+
+
+def fit_pca(maps: Sequence[torch.Tensor], k: int = 3, *, max_pixels: int = PCA_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit one PCA basis on the pixels of several feature maps of the same image.
+
+    Args:
+        maps: feature maps ``(C, H_i, W_i)`` (any float dtype), same C.
+        k: number of components.
+        max_pixels: pixels used for the fit, drawn evenly from each map (every map contributes equally).
+
+    Returns:
+        ``(mean (C,) float64, components (k, C) float64)``; each component's sign is fixed so its largest
+        loading is positive (deterministic colours).
+    """
+    if not maps:
+        raise ValueError("fit_pca needs at least one feature map")
+    chans = {int(m.shape[0]) for m in maps}
+    if len(chans) != 1:
+        raise ValueError(f"feature maps have different channel counts {sorted(chans)}; PCA needs one feature space")
+    per_map = max(max_pixels // len(maps), 1)
+    rows = []
+    for m in maps:
+        x = m.detach().to(torch.float64).reshape(m.shape[0], -1).T  # (HW, C)
+        if x.shape[0] > per_map:
+            x = x[torch.linspace(0, x.shape[0] - 1, per_map).round().long()]
+        rows.append(x)
+    x = torch.cat(rows)
+    mean = x.mean(0)
+    x = x - mean
+    cov = x.T @ x / max(x.shape[0] - 1, 1)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    comps = vecs[:, -k:].flip(1).T.contiguous()  # (k, C), largest first
+    if comps.shape[0] < k:  # fewer channels than components: pad with zeros (grey)
+        comps = torch.cat([comps, comps.new_zeros(k - comps.shape[0], comps.shape[1])])
+    idx = comps.abs().argmax(1)
+    sign = torch.sign(comps[torch.arange(comps.shape[0]), idx])
+    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None]
+    return mean, comps
+
+
+def pca_rgb(maps: Sequence[torch.Tensor], *, max_pixels: int = PCA_MAX_PIXELS) -> list[np.ndarray]:
+    """Colour feature maps by their first 3 principal components, with one basis and one scale for all of them.
+
+    Args:
+        maps: feature maps ``(C, H_i, W_i)`` of the same image (e.g. low-res and high-res).
+
+    Returns:
+        One ``(H_i, W_i, 3) uint8`` picture per map.
+    """
+    mean, comps = fit_pca(maps, 3, max_pixels=max_pixels)
+    projected = [
+        torch.einsum("kc,chw->khw", comps, m.detach().to(torch.float64) - mean[:, None, None]) for m in maps
+    ]
+    flat = torch.cat([p.reshape(3, -1) for p in projected], 1)
+    if flat.shape[1] > max_pixels:
+        flat = flat[:, torch.linspace(0, flat.shape[1] - 1, max_pixels).round().long()]
+    lo = torch.quantile(flat, COLOR_QUANTILES[0], dim=1)[:, None, None]
+    hi = torch.quantile(flat, COLOR_QUANTILES[1], dim=1)[:, None, None]
+    scale = (hi - lo).clamp_min(1e-12)
+    out = []
+    for p in projected:
+        rgb = ((p - lo) / scale).clamp(0, 1).mul(255).round().to(torch.uint8)
+        out.append(rgb.permute(1, 2, 0).contiguous().numpy())
+    return out
+
+
+def side_by_side(panels: Sequence[np.ndarray], size: tuple[int, int], *, gap: int = PANEL_GAP) -> Image.Image:
+    """Lay ``(h, w, 3) uint8`` panels left to right, each resized (nearest) to ``size = (H, W)``.
+
+    Returns:
+        An RGB image of height H and width ``len(panels) * W + (len(panels) - 1) * gap``.
+    """
+    h, w = int(size[0]), int(size[1])
+    canvas = Image.new("RGB", (len(panels) * w + (len(panels) - 1) * gap, h), (255, 255, 255))
+    for i, p in enumerate(panels):
+        im = Image.fromarray(np.ascontiguousarray(p, dtype=np.uint8), "RGB")
+        if im.size != (w, h):
+            im = im.resize((w, h), Image.Resampling.NEAREST)
+        canvas.paste(im, (i * (w + gap), 0))
+    return canvas
+
+
+def feature_picture(
+    image: np.ndarray | None,
+    lowres: torch.Tensor,
+    hires: torch.Tensor,
+    *,
+    size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """``[image | low-res | high-res]`` with one PCA basis for both feature maps.
+
+    Args:
+        image: ``(H, W, 3) uint8`` pixels the features were computed from, or None (a grey panel instead).
+        lowres: ``(C, h, w)`` features.
+        hires: ``(C, Hf, Wf)`` features.
+        size: panel size ``(H, W)``; default: the image's size, else the high-res map's.
+
+    Returns:
+        The picture (PIL RGB image).
+    """
+    low_rgb, high_rgb = pca_rgb([lowres, hires])
+    if size is None:
+        size = tuple(image.shape[:2]) if image is not None else tuple(hires.shape[-2:])
+    if image is None:
+        image = np.full((*size, 3), 128, np.uint8)
+    return side_by_side([image, low_rgb, high_rgb], size)
+
+
+def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Write ``picture`` as PNG (creating folders); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG")
+    return path
+
+
+def _safe_name(text: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return keep.strip("._")[:80] or "image"
+
+
+def render_store_rows(
+    store: str,
+    rows: Sequence[int],
+    out_dir: str | os.PathLike[str],
+    *,
+    array: str = "hires",
+    storage_options: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write one picture per store row: the decoded source image (as the featurize job saw it), ``lowres`` and
+    ``array`` (default ``hires``), coloured with one PCA basis per row.
+
+    Args:
+        store: store URI (local path or s3://).
+        rows: manifest row numbers; each must be complete (status 1).
+        out_dir: folder for ``row<NNNNNN>_<image_id>.png``.
+        array: the high-res array to show (``hires`` or ``implicit``).
+        storage_options: fsspec options for the store and the source images.
+
+    Returns:
+        The written paths, in the order of ``rows``.
+    """
+    from pipeline.dataset import FeatureDataset
+
+    low_ds = FeatureDataset(store, "lowres", storage_options=storage_options)
+    high_ds = FeatureDataset(store, array, storage_options=storage_options)
+    written = []
+    for row in rows:
+        i = low_ds.index_of_row(int(row))
+        low, high = low_ds[i], high_ds[i]
+        image = low_ds.source_pixels(int(row))
+        pic = feature_picture(image, low["features"], high["features"])
+        name = f"row{int(row):06d}_{_safe_name(str(low['image_id']))}.png"
+        written.append(save_png(pic, Path(out_dir) / name))
+    return written
+
+
+@torch.no_grad()
+def render_image(
+    image: str,
+    out: str | os.PathLike[str],
+    *,
+    backbone: str,
+    weights: str | None = None,
+    upsampler: str | None = None,
+    input_size: int = 224,
+    policy: str = "crop",
+    storage_options: dict[str, Any] | None = None,
+) -> Path:
+    """Run one image through a backbone and an upsampler and write ``[image | low-res | high-res]`` as PNG.
+
+    Args:
+        image: image file (local or s3://).
+        out: PNG path to write.
+        backbone: ``featup_ops`` backbone preset name.
+        weights: backbone weights (None = timm pretrained from the local cache, a file, or "random").
+        upsampler: upsampler checkpoint directory; None = the fixed joint bilateral upsampler (no learning).
+        input_size: square input size in pixels (a multiple of the backbone stride).
+        policy: resize policy, "crop" or "pad", as in the featurize job.
+        storage_options: fsspec options for s3:// inputs.
+
+    Returns:
+        The written path.
+    """
+    import featup_ops
+    from pipeline.decode import decode_image, normalize
+    from pipeline.sources import read_bytes
+
+    model = featup_ops.load_backbone(backbone, weights)
+    up = (
+        featup_ops.load_upsampler(upsampler, storage_options=storage_options)
+        if upsampler
+        else featup_ops.BilateralUpsampler()
+    )
+    decoded = decode_image(read_bytes(image, storage_options), size=(input_size, input_size), policy=policy)
+    x = normalize(np.array(decoded.pixels)[None], model.mean, model.std)  # a writable copy for torch
+    x = torch.as_tensor(x, dtype=torch.float32)
+    low = model(x)
+    high = up(low, x)
+    pic = feature_picture(np.asarray(decoded.pixels), low[0], high[0])
+    return save_png(pic, out)
