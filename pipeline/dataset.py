@@ -31,7 +31,15 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.errors import ConfigError, StoreError
 
-__all__ = ["FeatureDataset", "ShardBatchSampler", "collate_features", "StoreGeometry", "Crop", "Channels"]
+__all__ = [
+    "FeatureDataset",
+    "ShardBatchSampler",
+    "collate_features",
+    "complete_image_ids",
+    "StoreGeometry",
+    "Crop",
+    "Channels",
+]
 
 Crop = tuple[int, int, int, int]
 """``(top, left, height, width)`` in the pixel grid of the array being read."""
@@ -446,3 +454,11 @@ class ShardBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+def complete_image_ids(
+    store: str, array: str = "hires", *, storage_options: dict[str, Any] | None = None
+) -> dict[str, int]:
+    """``{image_id: row}`` of the complete rows of ``array`` in a store (for joining stores on the same images)."""
+    ds = FeatureDataset(store, array, storage_options=storage_options)
+    return {ds._image_ids[int(r)]: int(r) for r in ds.rows}

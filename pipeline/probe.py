@@ -18,7 +18,7 @@ depth probe). Pure torch; no Ray, no Zarr.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -306,3 +306,118 @@ def evaluate_depth_probe(
     if n == 0:
         return DepthMetrics(rmse=float("nan"), delta1=float("nan"), pixels=0)
     return DepthMetrics(rmse=math.sqrt(sq / n), delta1=good / n, pixels=n)
+
+
+# ------------------------------------------------------------------------------------------ probes on feature stores
+# The store-level half: join stores on the same images, split them the same way, train and score one probe per
+# (store, seed). Imports pipeline.dataset lazily so the probe maths above stays pure torch.
+
+VAL_SPLIT_SALT = "featup-probe-split"
+"""Salt of the hash that assigns image ids to train/val, so every store (and every run) splits the same way."""
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """One probe to train and score.
+
+    Attributes:
+        name: label of the features (e.g. "bilinear", "jbu", "implicit").
+        train_store: store to train on.
+        val_store: store to score on (the same as ``train_store`` when the split is by ``val_ids``).
+        train_ids / val_ids: image ids of the two sets (the same for every store being compared).
+        labels: a :class:`pipeline.labels.LabelSource`.
+        array: feature array scored ("hires", "lowres" or "implicit").
+        train_array: feature array trained on (None = ``array``; "lowres" for the feature-preservation test).
+        task: "segmentation" or "depth".
+        cfg: probe recipe (seed included).
+        batch_size / num_workers: DataLoader settings.
+        channels: channel selection for both arrays.
+        storage_options: fsspec options.
+    """
+
+    name: str
+    train_store: str
+    val_store: str
+    train_ids: tuple[str, ...]
+    val_ids: tuple[str, ...]
+    labels: Any
+    array: str = "hires"
+    train_array: str | None = None
+    task: str = "segmentation"
+    cfg: ProbeConfig = ProbeConfig()
+    batch_size: int = 4
+    num_workers: int = 0
+    channels: Any = None
+    storage_options: dict[str, Any] | None = None
+
+
+def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split of image ids by a salted hash (independent of order and of the store)."""
+    import hashlib
+
+    train, val = [], []
+    for i in sorted(ids):
+        h = int(hashlib.sha256(f"{VAL_SPLIT_SALT}:{i}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (val if h < val_fraction else train).append(i)
+    return train, val
+
+
+def _dataset(store: str, array: str, ids: Sequence[str], run: ProbeRun) -> Any:
+    from pipeline.dataset import FeatureDataset, complete_image_ids
+
+    by_id = complete_image_ids(store, array, storage_options=run.storage_options)
+    rows = [by_id[i] for i in ids if i in by_id]
+    return FeatureDataset(
+        store, array, channels=run.channels, labels=run.labels, storage_options=run.storage_options, rows=rows
+    )
+
+
+def run_probe(run: ProbeRun, device: str | None = None) -> dict[str, Any]:
+    """Train the probe of ``run`` on its train set and score it on its val set.
+
+    Returns:
+        JSON-able dict: name, task, arrays, seed, sizes, and the metrics (``miou``/``pixel_accuracy`` or
+        ``rmse``/``delta1``).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    train_ds = _dataset(run.train_store, run.train_array or run.array, run.train_ids, run)
+    val_ds = _dataset(run.val_store, run.array, run.val_ids, run)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise ValueError(f"probe {run.name!r}: empty train ({len(train_ds)}) or val ({len(val_ds)}) set")
+    train = train_ds.loader(run.batch_size, shuffle=True, seed=run.cfg.seed, num_workers=run.num_workers)
+    val = val_ds.loader(run.batch_size, shuffle=False, num_workers=run.num_workers)
+    out: dict[str, Any] = {
+        "name": run.name, "task": run.task, "train_array": run.train_array or run.array, "array": run.array,
+        "seed": run.cfg.seed, "train_images": len(train_ds), "val_images": len(val_ds), "device": str(device),
+    }
+    if run.task == "depth":
+        probe = train_depth_probe(train, cfg=run.cfg, in_channels=train_ds.num_channels, device=device)
+        out.update(evaluate_depth_probe(probe, val, device=device).to_dict())
+    else:
+        k = run.labels.num_classes
+        if not k:
+            raise ValueError("segmentation probe needs the number of classes (LabelSource.num_classes)")
+        probe = train_segmentation_probe(train, k, cfg=run.cfg, in_channels=train_ds.num_channels, device=device)
+        metrics = evaluate_segmentation_probe(probe, val, k, device=device).to_dict()
+        metrics.pop("iou")
+        out.update(metrics)
+    return out
+
+
+def summarize(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds per (name, train_array, array) for each metric."""
+    import statistics
+
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["name"], r["train_array"], r["array"]), []).append(r)
+    rows = []
+    for (name, tr, ar), rs in groups.items():
+        row: dict[str, Any] = {"name": name, "train_array": tr, "array": ar, "seeds": len(rs)}
+        for m in ("miou", "pixel_accuracy", "rmse", "delta1"):
+            vals = [float(r[m]) for r in rs if m in r]
+            if vals:
+                row[m] = statistics.fmean(vals)
+                row[m + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        rows.append(row)
+    return rows

@@ -105,3 +105,61 @@ def test_depth_probe_rmse_and_delta():
     assert good.pixels == 4 * H * W - 4
     assert good.rmse < 0.3 and good.delta1 > 0.9, good
     assert bad.rmse > 1.0 and bad.delta1 < 0.5, bad
+
+
+def _labelled_store(uri: str, labels_dir, *, encode: bool, n: int = 12, seed: int = 0) -> None:
+    """A store (pipeline.store's writer) whose hires features linearly encode each image's COCO-Stuff label (or
+    are pure noise), with lowres = 4x4 average pooling; label PNGs named by 12-digit COCO id."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.labels import COCO_STUFF_FINE_TO_COARSE
+    from pipeline.store import FeatureStoreSchema, Status, create_or_open_store, write_shard
+
+    fine_ids = [0, 93, 105, 170]  # person, branch, clouds, wall-brick -> coarse 9, 22, 23, 18
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(27, C, generator=torch.Generator().manual_seed(99))
+    schema = FeatureStoreSchema(n_rows=n, channels=C, lowres_size=(4, 4), output_size=(H, W), rows_per_shard=4)
+    group, _ = create_or_open_store(uri, schema, {"input_size": [H, W], "resize_policy": "crop"})
+    ids = [str(1000 + i) for i in range(n)]
+    fine = torch.tensor(fine_ids)[_labels(n, gen).clamp_max(K - 1)]
+    coarse = torch.tensor(COCO_STUFF_FINE_TO_COARSE)[fine]
+    onehot = F.one_hot(coarse, 27).permute(0, 3, 1, 2).float()
+    noise = torch.randn(n, C, H, W, generator=gen)
+    hires = torch.einsum("kc,nkhw->nchw", proj, onehot) + 0.6 * noise if encode else noise
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(fine[i].numpy().astype(np.uint8)).save(buf, format="PNG")
+        (labels_dir / f"{int(ids[i]):012d}.png").write_bytes(buf.getvalue())
+    for k in range(schema.num_shards):
+        a, b = schema.shard_rows(k)
+        write_shard(group, k, {
+            "image_id": np.array(ids[a:b]), "uri": np.array([""] * (b - a)), "error": np.array([""] * (b - a)),
+            "orig_size": np.full((b - a, 2), H, np.int32), "valid_size": np.full((b - a, 2), H, np.int32),
+            "hires": hires[a:b].half().numpy(), "lowres": F.avg_pool2d(hires[a:b], 4).half().numpy(),
+            "status": np.full(b - a, Status.COMPLETE, np.uint8),
+        })
+
+
+def test_eval_probe_job_compares_stores(tmp_path):
+    """jobs/eval_probe.py on two stores of the same images: label-encoding features beat noise; preservation runs."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs"))
+    import eval_probe
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    _labelled_store(str(tmp_path / "good.zarr"), labels, encode=True)
+    _labelled_store(str(tmp_path / "noise.zarr"), labels, encode=False)
+    out = tmp_path / "r.json"
+    eval_probe.main(["--store", f"good={tmp_path / 'good.zarr'}", "--store", f"noise={tmp_path / 'noise.zarr'}:hires",
+                     "--labels", str(labels), "--epochs", "12", "--lr", "0.05", "--val-fraction", "0.34",
+                     "--preservation", "--out", str(out)])
+    summary = {(s["name"], s["train_array"]): s for s in json.loads(out.read_text())["summary"]}
+    assert summary[("good", "hires")]["miou"] > 0.7, summary
+    assert summary[("noise", "hires")]["miou"] < summary[("good", "hires")]["miou"] - 0.3
+    assert summary[("good", "lowres")]["array"] == "hires" and summary[("good", "lowres")]["miou"] > 0.5
