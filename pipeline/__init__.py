@@ -13,6 +13,11 @@ _EXPORTS: dict[str, str] = {
     "open_store": "store",
     "store_summary": "store",
     "FeatureDataset": "dataset",
+    "ShardBatchSampler": "dataset",
+    "collate_features": "dataset",
+    "LabelSource": "labels",
+    "ProbeConfig": "probe",
+    "pca_rgb": "visualize",
 }
 
 __all__ = sorted(_EXPORTS)
