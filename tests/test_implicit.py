@@ -113,14 +113,22 @@ def test_pca_is_exact_and_deterministic():
     assert torch.equal(fit_pca(x, 2)[1], comps)
 
 
-def test_fit_grouped_equals_separate_and_lowers_loss():
+def test_fit_grouped_equals_separate():
+    # Few steps: NAdam turns rounding-level gradient differences (e.g. kernels picked by memory alignment) into
+    # lr-sized steps on near-zero gradients, so long fits agree statistically, not to 1e-4.
     bb, imgs = TinyBackbone(), _images()
-    info: dict = {}
-    both = fit_implicit(imgs, bb, cfg=TINY, seed=3, info=info)
+    cfg = dataclasses.replace(TINY, steps=4)
+    both = fit_implicit(imgs, bb, cfg=cfg, seed=3)
     assert both.shape == (2, 12, 32, 40) and both.dtype == torch.float32
-    alone = fit_implicit(imgs[1:], bb, cfg=TINY, seed=3)  # the second row, fitted on its own
+    alone = fit_implicit(imgs[1:], bb, cfg=cfg, seed=3)  # the second row, fitted on its own
     torch.testing.assert_close(both[1:], alone, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(both[:1], alone, atol=1e-2)  # and the test can fail: rows differ
+
+
+def test_short_fit_lowers_the_loss():
+    bb, imgs = TinyBackbone(), _images()
+    info: dict = {}
+    fit_implicit(imgs, bb, cfg=TINY, seed=3, info=info)
     assert info["steps"] == [30, 30] and info["proj_dim"] == 6
     for hist in info["mse_history"]:
         first, last = sum(hist[:5]) / 5, sum(hist[-5:]) / 5
@@ -139,10 +147,10 @@ def test_fit_any_output_size_and_group_size():
 def test_early_stopping_stops_each_image_and_keeps_grouping():
     bb, imgs = TinyBackbone(), _images()
     # a tolerance no window can meet: stop after the first window plus `patience` windows
-    cfg = dataclasses.replace(TINY, early_stop=True, early_stop_window=3, early_stop_patience=2, early_stop_tol=10.0)
+    cfg = dataclasses.replace(TINY, early_stop=True, early_stop_window=1, early_stop_patience=2, early_stop_tol=10.0)
     info: dict = {}
     out = fit_implicit(imgs, bb, cfg=cfg, info=info)
-    assert info["steps"] == [9, 9] and all(len(h) == 9 for h in info["mse_history"])
+    assert info["steps"] == [3, 3] and all(len(h) == 3 for h in info["mse_history"])
     torch.testing.assert_close(out[1:], fit_implicit(imgs[1:], bb, cfg=cfg), atol=1e-4, rtol=1e-4)
 
 
