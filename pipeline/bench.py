@@ -1,0 +1,148 @@
+"""Benchmark: the Ray featurize pipeline vs a bare single-process loop doing the same work on the same images.
+
+    python -m pipeline.bench                       # 96 images, efficientnet_lite0 @224, bilateral to 56, fp16
+    python -m pipeline.bench --backbone vit_s16 --weights random --output-size 56 --json out/bench.json
+
+Both sides do: read bytes, decode + resize (crop) to the input size, backbone, upsampler, cast to the store dtype,
+write a Zarr v3 feature store with the same layout. Both include model loading; the Ray side runs on an already
+started local Ray (cluster start-up is a one-off per node, not per job). Prints images/s of each and their ratio
+(target >= 0.9 on the 2-core development machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["make_images", "bare_loop", "ray_pipeline", "main"]
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+
+def make_images(folder: Path, n: int) -> Path:
+    """Copy the shipped sample photos into ``folder`` until it holds ``n`` files (distinct names)."""
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        src = photos[i % len(photos)]
+        shutil.copyfile(src, folder / f"{i:05d}_{src.name}")
+    return folder
+
+
+def bare_loop(cfg: Any) -> float:
+    """The same work in one process, no Ray: returns wall seconds (model load included)."""
+    from dataclasses import replace
+
+    from pipeline.decode import decode_image
+    from pipeline.errors import DecodeError
+    from pipeline.sources import build_manifest, read_many
+    from pipeline.stages import ModelSpec, _to_store_dtype, build_models, featurize_pixels
+    from pipeline.store import FeatureStoreSchema, create_or_open_store, rows_per_shard_for, write_shard
+
+    t0 = time.perf_counter()
+    m = build_manifest(cfg.input)
+    out = cfg.output_size or cfg.input_size
+    spec = ModelSpec(cfg.backbone, cfg.weights, cfg.upsampler, (out, out), cfg.dtype, cfg.batch_size)
+    backbone, up = build_models(spec)
+    h = cfg.input_size // backbone.stride
+    schema = FeatureStoreSchema(n_rows=len(m), channels=backbone.dim, lowres_size=(h, h), output_size=(out, out),
+                                dtype=cfg.dtype, codec=cfg.codec)
+    schema = replace(schema, rows_per_shard=cfg.rows_per_shard or rows_per_shard_for(schema.hires_row_bytes))
+    group, _ = create_or_open_store(cfg.output, schema, {"bench": "bare"})
+    for k in range(schema.num_shards):
+        start, stop = schema.shard_rows(k)
+        px, ok, orig, err = [], [], [], []
+        for data in read_many(m.uris[start:stop]):
+            try:
+                d = decode_image(data, size=(cfg.input_size,) * 2, policy=cfg.policy, min_side=backbone.stride)
+                px.append(d.pixels), ok.append(True), orig.append(d.orig_size), err.append("")
+            except DecodeError as e:
+                ok.append(False), orig.append((0, 0)), err.append(e.reason)
+        low, high = featurize_pixels(np.stack(px), backbone, up, output_size=(out, out), batch_size=cfg.batch_size)
+        n = stop - start
+        write_shard(group, k, {
+            "image_id": np.asarray(m.image_ids[start:stop]), "uri": np.asarray(m.uris[start:stop]),
+            "error": np.asarray(err), "orig_size": np.asarray(orig, dtype=np.int32),
+            "valid_size": np.asarray(orig, dtype=np.int32),
+            "lowres": _to_store_dtype(low, cfg.dtype), "hires": _to_store_dtype(high, cfg.dtype),
+            "status": np.where(ok, 1, 2).astype(np.uint8)[:n],
+        })
+    return time.perf_counter() - t0
+
+
+def ray_pipeline(cfg: Any) -> float:
+    """The featurize job through Ray Data on the running local Ray: returns wall seconds."""
+    from pipeline.featurize import run_featurize
+
+    t0 = time.perf_counter()
+    run_featurize(cfg)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--backbone", default="efficientnet_lite0")
+    p.add_argument("--weights", default=None)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--output-size", type=int, default=56)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--rows-per-shard", type=int, default=8, help="images per work unit (default 8 = one batch)")
+    p.add_argument("--actor-cpus", type=float, default=1.0)
+    p.add_argument("--decode-cpus", type=float, default=0.25)
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=1, help="alternate bare/ray this many times; report the best")
+    p.add_argument("--json", default=None, help="also write the figures as JSON here")
+    args = p.parse_args(argv)
+
+    from dataclasses import replace
+
+    from pipeline.featurize import FeaturizeConfig, init_ray
+
+    work = Path(tempfile.mkdtemp(prefix="featup-bench-"))
+    try:
+        images = make_images(work / "images", args.images)
+        base = FeaturizeConfig(
+            input=str(images), output="", kind="folder", backbone=args.backbone, weights=args.weights,
+            input_size=args.input_size, output_size=args.output_size, dtype=args.dtype, batch_size=args.batch_size,
+            rows_per_shard=args.rows_per_shard, actor_cpus=args.actor_cpus, decode_cpus=args.decode_cpus,
+            torch_threads=args.torch_threads, num_gpus=0, quiet=True, progress_interval_s=3600,
+        )
+        init_ray()
+        bare_s, ray_s = [], []
+        for r in range(args.repeats):
+            bare_s.append(bare_loop(replace(base, output=str(work / f"bare{r}.zarr"))))
+            ray_s.append(ray_pipeline(replace(base, output=str(work / f"ray{r}.zarr"))))
+        bare_rate, ray_rate = args.images / min(bare_s), args.images / min(ray_s)
+        result = {
+            "images": args.images, "backbone": args.backbone, "input_size": args.input_size,
+            "output_size": args.output_size, "batch_size": args.batch_size, "cpus": os.cpu_count(),
+            "bare_images_per_s": round(bare_rate, 2), "ray_images_per_s": round(ray_rate, 2),
+            "ratio": round(ray_rate / bare_rate, 3), "bare_s": [round(s, 2) for s in bare_s],
+            "ray_s": [round(s, 2) for s in ray_s],
+        }
+        print(f"bare loop : {bare_rate:6.2f} images/s")
+        print(f"ray       : {ray_rate:6.2f} images/s")
+        print(f"ratio     : {ray_rate / bare_rate:6.3f} (target >= 0.9)")
+        print(json.dumps(result))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""End to end through a real local Ray: local -> local with every bad-input kind, features equal to featup_ops run
+directly, resume after a crash mid-shard (identical store), settings mismatch refused, s3:// -> s3:// with PCA."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.errors import InputNotFoundError, StoreMismatchError
+from pipeline.featurize import FeaturizeConfig, run_featurize
+from pipeline.sink import CRASH_ENV
+from pipeline.store import open_store, read_attrs, store_summary
+
+from test_decode import corrupt_png, png_header_only
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64  # a multiple of efficientnet_lite0's stride 32; small keeps the test fast
+ARRAYS = ("image_id", "uri", "error", "orig_size", "valid_size", "lowres", "hires", "status")
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory, samples_dir):
+    """Real photos plus one file of every bad-input kind. Expected outcome per file name: reason or None (good)."""
+    d = tmp_path_factory.mktemp("inputs")
+    photo = (samples_dir / "skate.jpg").read_bytes()
+    rgb = Image.open(io.BytesIO(photo)).convert("RGB").resize((80, 60))
+    grey16 = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    files = {
+        "a_photo.jpg": (photo, None),
+        "b_corrupt.png": (corrupt_png(), "corrupt"),
+        "c_truncated.jpg": (photo[: len(photo) // 3], "truncated"),
+        "d_empty.jpg": (b"", "empty"),
+        "e_text.jpg": (b"this is a text file\n", "not an image"),
+        "f_cmyk.jpg": (encode(rgb.convert("CMYK"), "JPEG"), None),
+        "g_16bit.png": (encode(grey16, "PNG"), None),
+        "h_grey.png": (encode(rgb.convert("L"), "PNG"), None),
+        "i_rgba.png": (encode(rgba, "PNG"), None),
+        "j_tiny.png": (encode(Image.new("RGB", (4, 4), (9, 9, 9)), "PNG"), "too small"),
+        "k_huge.png": (png_header_only(30_000, 30_000), "too large"),
+        "l_photo.jpg": ((samples_dir / "cones2.jpg").read_bytes(), None),
+    }
+    for name, (data, _) in files.items():
+        (d / name).write_bytes(data)
+    return d, {name: reason for name, (_, reason) in files.items()}
+
+
+def config(input: str, output: str, **kw) -> FeaturizeConfig:
+    base = dict(weights="random", input_size=SIZE, rows_per_shard=3, batch_size=4, quiet=True, progress_interval_s=1)
+    return FeaturizeConfig(input=input, output=output, **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_local, bad_folder, tmp_path_factory):
+    folder, _ = bad_folder
+    out = str(tmp_path_factory.mktemp("clean") / "clean.zarr")
+    result = run_featurize(config(str(folder), out))
+    return out, result
+
+
+def test_bad_inputs_become_failed_rows_and_the_job_finishes(clean_run, bad_folder):
+    out, result = clean_run
+    _, expected = bad_folder
+    n_bad = sum(r is not None for r in expected.values())
+    assert result["rows"] == len(expected) and result["pending"] == 0
+    assert result["failed"] == n_bad and result["complete"] == len(expected) - n_bad
+    g = open_store(out)
+    ids = list(g["image_id"][:])
+    assert ids == sorted(expected)
+    status, errors = g["status"][:], g["error"][:]
+    for i, name in enumerate(ids):
+        reason = expected[name]
+        if reason is None:
+            assert status[i] == 1 and errors[i] == "", name
+            assert np.abs(g["hires"][i]).max() > 0, name
+        else:
+            assert status[i] == 2 and reason in errors[i], (name, errors[i])
+            assert not np.any(g["hires"][i]), name
+    assert "5 failed" in store_summary(out) or f"{n_bad} failed" in store_summary(out)
+
+
+def test_stored_features_equal_featup_ops_run_directly(clean_run, bad_folder):
+    import featup_ops
+
+    from pipeline.decode import decode_image, normalize
+
+    out, _ = clean_run
+    folder, _ = bad_folder
+    g = open_store(out)
+    attrs = read_attrs(g)
+    assert attrs["backbone"] == "efficientnet_lite0" and attrs["upsampler"]["kind"] == "bilateral"
+    backbone = featup_ops.load_backbone("efficientnet_lite0", "random")
+    up = featup_ops.BilateralUpsampler()
+    rows = [0, 5, 8]  # a photo, CMYK, RGBA
+    px = np.stack([decode_image((folder / str(g["image_id"][r])).read_bytes(), size=(SIZE, SIZE)).pixels for r in rows])
+    with torch.inference_mode():
+        x = normalize(px, backbone.mean, backbone.std)
+        low = backbone(x)
+        high = up(low, x)
+    for k, r in enumerate(rows):
+        stored_low = torch.from_numpy(g["lowres"][r].astype(np.float32))
+        stored_high = torch.from_numpy(g["hires"][r].astype(np.float32))
+        torch.testing.assert_close(stored_low, low[k], rtol=1e-2, atol=1e-2 * float(low[k].abs().max()))
+        torch.testing.assert_close(stored_high, high[k], rtol=1e-2, atol=1e-2 * float(high[k].abs().max()))
+
+
+def test_resume_after_crash_mid_shard_gives_identical_store(clean_run, bad_folder, tmp_path):
+    folder, _ = bad_folder
+    clean, _ = clean_run
+    out = str(tmp_path / "resumed.zarr")
+    # The first run is a separate job process (its own local Ray) that dies while writing shard 1: that shard's
+    # features are written but not its status, as a crash mid-shard leaves them.
+    env = {**os.environ, CRASH_ENV: "1"}
+    args = ["--input", str(folder), "--output", out, "--weights", "random", "--input-size", str(SIZE),
+            "--rows-per-shard", "3", "--batch-size", "4", "--quiet"]
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "featurize.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "simulated crash" in proc.stderr + proc.stdout
+    g = open_store(out)
+    assert (g["status"][3:6] == 0).all()  # the torn shard is not taken as complete
+    assert np.any(g["hires"][3:6])  # ... although its features were written
+    result = run_featurize(config(str(folder), out))
+    assert result["resumed"] and result["pending"] == 0
+    a, b = open_store(clean), open_store(out)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+    # rerunning a finished store does nothing
+    again = run_featurize(config(str(folder), out))
+    assert again["units_run"] == 0 and again["units_skipped"] == 4
+
+
+def test_other_settings_into_the_same_store_are_refused(clean_run, bad_folder):
+    folder, _ = bad_folder
+    out, _ = clean_run
+    with pytest.raises(StoreMismatchError, match="dtype"):
+        run_featurize(config(str(folder), out, dtype="float32"))
+    with pytest.raises(InputNotFoundError):
+        run_featurize(config(str(folder / "missing"), out))
+
+
+def test_s3_to_s3_with_pca(ray_local, s3_bucket, samples_dir):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = s3_bucket[len("s3://"):]
+    names = sorted(p.name for p in samples_dir.glob("*.jpg"))[:5]
+    for n in names:
+        fs.pipe(f"{bucket}/in/{n}", (samples_dir / n).read_bytes())
+    out = f"{s3_bucket}/feats/x.zarr"
+    result = run_featurize(config(f"{s3_bucket}/in", out, pca=8, pca_fit_images=4, rows_per_shard=2))
+    assert result["complete"] == 5 and result["failed"] == 0
+    g = open_store(out)
+    assert g["hires"].shape == (5, 8, SIZE, SIZE) and g["lowres"].shape == (5, 8, 2, 2)
+    pca = read_attrs(g)["pca"]
+    assert pca["k"] == 8 and np.asarray(pca["components"]).shape == (8, 320)
+    assert list(g["uri"][:2]) == [f"s3://{bucket}/in/{n}" for n in names[:2]]
+    assert fs.exists(f"{bucket}/feats/x.zarr/hires/c/0/0/0/0")
