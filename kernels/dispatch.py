@@ -1,11 +1,17 @@
-"""Device dispatch for the JBU ops: CuPy kernels for CUDA tensors when CuPy imports, the torch reference otherwise.
+"""Device dispatch for the JBU ops.
+
+Backends: ``"cupy"`` (CUDA kernels), ``"cpu"`` (the compiled float32 CPU library, ``kernels/_cpu_compiled.py``),
+``"torch"`` (the pure-torch reference, any device and dtype).
 
 Environment switch ``FEATUP_KERNELS_BACKEND``:
 
-- ``auto`` (default): CUDA tensor with float16/bfloat16/float32 data and CuPy importable -> ``"cupy"``; else ``"torch"``.
-- ``torch``: always the pure-torch reference (any device).
-- ``cupy``: always CuPy; a CPU tensor or a missing CuPy raises :class:`~kernels.errors.KernelBackendError`.
+- ``auto`` (default): CUDA tensor in float16/bfloat16/float32 with CuPy importable -> ``"cupy"``; float32 CPU tensor
+  with the CPU library built (or buildable: a few seconds once, then cached on disk) -> ``"cpu"``; else ``"torch"``.
+- ``torch``: always the pure-torch reference.
+- ``cupy`` / ``cpu``: always that backend; inputs it cannot take, or a missing CuPy / compiler, raise
+  :class:`~kernels.errors.KernelBackendError`.
 
+``FEATUP_KERNELS_COMPILE=0`` disables building the CPU library (``auto`` then picks ``"torch"`` on CPU).
 Importing this module needs no GPU, compiler or CuPy; CuPy is imported on the first CUDA call only.
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ from .reference import (
 )
 
 ENV_BACKEND = "FEATUP_KERNELS_BACKEND"
-_BACKENDS = ("auto", "torch", "cupy")
+_BACKENDS = ("auto", "torch", "cupy", "cpu")
 #: dtypes the CUDA sources are instantiated for (float64 CUDA tensors take the torch path).
 CUPY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,15 +57,26 @@ def backend_for(x: torch.Tensor) -> str:
     """Name of the backend that ``adaptive_conv``/``jbu_fused`` use for a tensor like ``x``.
 
     Returns:
-        ``"cupy"`` or ``"torch"``.
+        ``"cupy"``, ``"cpu"`` or ``"torch"``. On a float32 CPU tensor in ``auto`` mode the first call may build the
+        CPU library (seconds, once per machine).
 
     Raises:
-        KernelBackendError: ``FEATUP_KERNELS_BACKEND=cupy`` but x is not on CUDA, has an unsupported dtype, or CuPy
-            does not import; or the variable holds an unknown value.
+        KernelBackendError: ``FEATUP_KERNELS_BACKEND=cupy`` (or ``cpu``) but x does not suit that backend, or CuPy
+            (the compiler) is missing; or the variable holds an unknown value.
     """
     requested = _requested_backend()
     if requested == "torch":
         return "torch"
+    if requested == "cpu":
+        from . import _cpu_compiled
+
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            raise KernelBackendError(f"{ENV_BACKEND}=cpu takes float32 CPU tensors, got {x.dtype} on {x.device}")
+        if not _cpu_compiled.available():
+            raise KernelBackendError(
+                f"{ENV_BACKEND}=cpu but the CPU library is unavailable ({_cpu_compiled.unavailable_reason()})"
+            )
+        return "cpu"
     usable = x.is_cuda and x.dtype in CUPY_DTYPES
     if requested == "cupy":
         if not x.is_cuda:
@@ -69,7 +86,14 @@ def backend_for(x: torch.Tensor) -> str:
         if not cupy_available():
             raise KernelBackendError(f"{ENV_BACKEND}=cupy but CuPy does not import; pip install cupy-cuda13x")
         return "cupy"
-    return "cupy" if usable and cupy_available() else "torch"
+    if usable and cupy_available():
+        return "cupy"
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        from . import _cpu_compiled
+
+        if _cpu_compiled.available():
+            return "cpu"
+    return "torch"
 
 
 def adaptive_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -88,10 +112,15 @@ def adaptive_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         KernelBackendError: see :func:`backend_for`.
     """
     check_adaptive_conv_inputs(x, w)
-    if backend_for(x) == "cupy":
+    backend = backend_for(x)
+    if backend == "cupy":
         from ._cupy import adaptive_conv_cupy
 
         return adaptive_conv_cupy(x, w)
+    if backend == "cpu":
+        from ._cpu_compiled import adaptive_conv_cpu
+
+        return adaptive_conv_cpu(x, w.to(x.dtype))
     return adaptive_conv_reference(x, w)
 
 
@@ -107,7 +136,8 @@ def jbu_fused(
       weighted sum; the ``(B, H, W, K, K)`` weights never reach global memory.
     - CUDA/CuPy with gradients: weights by ``jbu_weights_reference`` (torch autograd), sum by the CuPy
       ``adaptive_conv`` (its backward kernels), i.e. the backward recomputes nothing but stores the weights.
-    - torch: :func:`kernels.jbu_fused_reference` (row-blocked weights under ``no_grad``).
+    - CPU / torch: :func:`kernels.jbu_fused_reference` (row-blocked weights under ``no_grad``), with the sum done by
+      the compiled CPU library where :func:`backend_for` picks it.
 
     Args:
         x: ``(B, C, H+K-1, W+K-1)`` features padded by r.
@@ -119,7 +149,10 @@ def jbu_fused(
         ``(B, C, H, W)`` in x's dtype.
     """
     K, temperature = check_jbu_inputs(x, keys, temperature, spatial)
-    if backend_for(x) != "cupy":
+    backend = backend_for(x)
+    if backend == "cpu":
+        return jbu_fused_reference(x, keys, temperature, spatial, conv=adaptive_conv)
+    if backend != "cupy":
         return jbu_fused_reference(x, keys, temperature, spatial)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, keys, temperature, spatial))
     if needs_grad:

@@ -14,6 +14,8 @@ Half-precision inputs (float16/bfloat16) are computed in float32 and cast back, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -224,7 +226,12 @@ def jbu_weights_reference(
 
 
 def jbu_fused_reference(
-    x: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor | float, spatial: torch.Tensor
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: torch.Tensor | float,
+    spatial: torch.Tensor,
+    *,
+    conv: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """JBU weighted sum with the weights computed from the keys (pure torch).
 
@@ -237,10 +244,12 @@ def jbu_fused_reference(
         keys: ``(B, D, H+K-1, W+K-1)`` keys padded by r.
         temperature: scalar multiplying the logits.
         spatial: ``(K, K)`` non-negative spatial kernel.
+        conv: the adaptive-conv implementation for the weighted sum (default :func:`adaptive_conv_reference`).
 
     Returns:
         ``(B, C, H, W)`` in x's dtype.
     """
+    conv = conv or adaptive_conv_reference
     K, temperature = check_jbu_inputs(x, keys, temperature, spatial)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, keys, temperature, spatial) if torch.is_tensor(t)
@@ -250,10 +259,10 @@ def jbu_fused_reference(
     row_bytes = B * W * K * K * 4
     rows = max(1, FUSED_ROW_BLOCK_BYTES // row_bytes)
     if needs_grad or rows >= H:
-        return adaptive_conv_reference(x, jbu_weights_reference(keys, temperature, spatial))
+        return conv(x, jbu_weights_reference(keys, temperature, spatial))
     out = torch.empty(B, x.shape[1], H, W, dtype=x.dtype, device=x.device)
     for y0 in range(0, H, rows):
         y1 = min(H, y0 + rows)
         wb = jbu_weights_reference(keys[:, :, y0 : y1 + K - 1], temperature, spatial)
-        out[:, :, y0:y1] = adaptive_conv_reference(x[:, :, y0 : y1 + K - 1], wb)
+        out[:, :, y0:y1] = conv(x[:, :, y0 : y1 + K - 1], wb)
     return out
