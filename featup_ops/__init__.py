@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "MultiViewObjective": "multiview",
     "reconstruction_error": "multiview",
     "fixed_views": "multiview",
-    "build_upsampler": "baselines",
+    "build_upsampler": "checkpoint",
     # checkpoints
     "save_upsampler": "checkpoint",
     "load_upsampler": "checkpoint",

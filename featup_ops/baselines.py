@@ -8,7 +8,7 @@
 
 All upsamplers share the call ``up(feats (B,C,h,w), image (B,3,H,W) normalised, output_size=None) -> (B,C,Ho,Wo)``
 (default output = the image size) and ``.config_dict()`` (JSON-able, with a "kind" key);
-:func:`build_upsampler` rebuilds any of them (including the JBU) from that dict.
+:func:`featup_ops.checkpoint.build_upsampler` rebuilds any of them (including the JBU) from that dict.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from featup_ops.errors import ConfigError, InputSizeError
 
-__all__ = ["BilinearUpsampler", "BilateralUpsampler", "check_upsample_args", "resize_guidance", "build_upsampler"]
+__all__ = ["BilinearUpsampler", "BilateralUpsampler", "check_upsample_args", "resize_guidance"]
 
 
 def check_upsample_args(
@@ -186,29 +186,3 @@ class BilateralUpsampler(nn.Module):
             "sigma_spatial": self.sigma_spatial,
             "sigma_range": self.sigma_range,
         }
-
-
-def build_upsampler(config: dict[str, Any]) -> nn.Module:
-    """Rebuild an upsampler (fresh parameters) from its ``config_dict()``.
-
-    Args:
-        config: a dict with "kind" in {"bilinear", "bilateral", "jbu"}.
-
-    Raises:
-        ConfigError: unknown kind or bad fields.
-    """
-    kind = config.get("kind") if isinstance(config, dict) else None
-    rest = {k: v for k, v in config.items() if k != "kind"} if isinstance(config, dict) else {}
-    if kind == "bilinear":
-        return BilinearUpsampler()
-    if kind == "bilateral":
-        try:
-            return BilateralUpsampler(**rest)
-        except TypeError as e:
-            raise ConfigError(f"bilateral upsampler config {config!r}: {e}") from None
-    if kind == "jbu":
-        from featup_ops.jbu import JBUUpsampler
-
-        return JBUUpsampler.from_config_dict(config)
-    raise ConfigError(f"unknown upsampler kind {kind!r}; expected one of 'bilinear', 'bilateral', 'jbu'")
-

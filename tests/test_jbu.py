@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from featup_ops.baselines import BilateralUpsampler, BilinearUpsampler, build_upsampler
+from featup_ops.baselines import BilateralUpsampler, BilinearUpsampler
+from featup_ops.checkpoint import build_upsampler
 from featup_ops.config import JBUConfig
-from featup_ops.errors import ConfigError, FeatupError, InputSizeError
+from featup_ops.errors import CheckpointError, ConfigError, FeatupError, InputSizeError
 from featup_ops.jbu import JBULayer, JBUUpsampler, plan_stages
 
 
@@ -155,7 +156,7 @@ def test_config_dict_rebuilds():
         rebuilt = build_upsampler(d)
         assert type(rebuilt) is type(up) and rebuilt.config_dict() == d
         rebuilt.load_state_dict(up.state_dict(), strict=True)
-    with pytest.raises(ConfigError, match="unknown upsampler kind"):
+    with pytest.raises(CheckpointError, match="unknown upsampler kind"):
         build_upsampler({"kind": "carafe"})
 
 
