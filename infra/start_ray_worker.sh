@@ -4,13 +4,14 @@
 #   infra/start_ray_worker.sh --num-cpus 1                           # extra arguments go to `ray start`
 #   FEATUP_WORKER_NAME=gpu2 infra/start_ray_worker.sh --num-gpus 1
 #
-# The node carries a custom resource (default {"featurizer_node": 1}) that marks it as a "GPU node": jobs run with
-# featurizer actors pinned to that resource must place them here, which is how the multi-node test checks placement.
+# On a machine without GPUs, `--num-gpus 1` makes a stand-in "GPU node": Ray schedules the featurizer actors
+# (num_gpus=1 each, pipeline/featurize.py) only there, and they run on its CPU since CUDA is absent. That is how
+# tests/test_multinode.py forces work onto both nodes. FEATUP_WORKER_RESOURCES adds custom resources.
 # Settings (environment):
 #   FEATUP_RAY_DIR               state dir shared with the head          (default /tmp/featup-ray-$UID)
 #   FEATUP_RAY_PORT              the head's GCS port                     (6379)
 #   FEATUP_WORKER_NAME           names the pidfile/log: worker-NAME.pid  (worker1)
-#   FEATUP_WORKER_RESOURCES      JSON custom resources of this node      ({"featurizer_node": 1})
+#   FEATUP_WORKER_RESOURCES      JSON custom resources of this node      (none), e.g. '{"decode_node": 4}'
 #   FEATUP_DASHBOARD_AGENT_PORT  this node's dashboard agent HTTP port   (a free port: the head uses 52365)
 #   RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH   the head's token              (default ~/.ray/auth_token)
 # Stop it alone with `FEATUP_WORKER_NAME=NAME infra/stop_ray.sh --worker`, or everything with infra/stop_ray.sh.
@@ -19,8 +20,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
 FEATUP_RAY_PORT="${FEATUP_RAY_PORT:-6379}"
 FEATUP_WORKER_NAME="${FEATUP_WORKER_NAME:-worker1}"
-DEFAULT_WORKER_RESOURCES='{"featurizer_node": 1}'
-FEATUP_WORKER_RESOURCES="${FEATUP_WORKER_RESOURCES:-$DEFAULT_WORKER_RESOURCES}"
+FEATUP_WORKER_RESOURCES="${FEATUP_WORKER_RESOURCES:-}"
+resource_args=()
+[ -z "$FEATUP_WORKER_RESOURCES" ] || resource_args=(--resources="$FEATUP_WORKER_RESOURCES")
 [[ "$FEATUP_WORKER_NAME" =~ ^[A-Za-z0-9_.-]+$ ]] || die "FEATUP_WORKER_NAME must be letters, digits, '.', '_' or '-'"
 
 use_venv
@@ -40,7 +42,7 @@ start_detached "$pidfile" "$log" \
     --address="127.0.0.1:$FEATUP_RAY_PORT" \
     --node-ip-address=127.0.0.1 \
     --dashboard-agent-listen-port="$FEATUP_DASHBOARD_AGENT_PORT" \
-    --resources="$FEATUP_WORKER_RESOURCES" \
+    "${resource_args[@]}" \
     --disable-usage-stats \
     "$@"
 pid="$(cat "$pidfile")"
@@ -60,5 +62,5 @@ until grep -q "Ray runtime started" "$log" 2>/dev/null; do
     fi
     sleep 1
 done
-info "Ray node '$FEATUP_WORKER_NAME' joined 127.0.0.1:$FEATUP_RAY_PORT with resources $FEATUP_WORKER_RESOURCES"
+info "Ray node '$FEATUP_WORKER_NAME' joined 127.0.0.1:$FEATUP_RAY_PORT${FEATUP_WORKER_RESOURCES:+ with resources $FEATUP_WORKER_RESOURCES}"
 echo "$pid"
