@@ -191,9 +191,9 @@ class JBUUpsampler(nn.Module):
 
     @property
     def channel_agnostic(self) -> bool:
-        """True when the output is linear per channel with one kernel for all (no channel mixing):
-        then ``up(P f) == P up(f)`` and the multi-view loss may project before upsampling."""
-        return self.final_conv is None
+        """True for the feature-agnostic upsampler (dim None, no channel mixing): it accepts any channel count
+        and ``up(P f) == P up(f)``, so the multi-view loss may project before upsampling."""
+        return self.final_conv is None and self.dim is None
 
     def reset_parameters(self) -> None:
         """Re-initialise every layer and the final conv."""
