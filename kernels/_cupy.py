@@ -48,6 +48,7 @@ def _module(source: str) -> "cupy.RawModule":
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(source: str, name: str, dtype: torch.dtype):
     ctype = CUDA_TYPES[str(dtype).removeprefix("torch.")]
     return _module(source).get_function(f"{name}<{ctype}>")
