@@ -1,4 +1,5 @@
-"""The JBU adaptive-conv op: exact torch reference (CPU path and oracle), CuPy kernels on CUDA, dispatch.
+"""The JBU adaptive-conv op: exact torch reference (the oracle), CuPy kernels on CUDA, a compiled float32 CPU path
+(built on first use, falls back to the reference), dispatch; see docs/kernels.md.
 
 ``out[b,c,y,x] = sum_ij w[b,y,x,i,j] * x[b,c,y+i,x+j]`` with x ``(B,C,H+K-1,W+K-1)`` and w ``(B,H,W,K,K)``.
 Importing this package needs no GPU, no compiler and no CuPy.
