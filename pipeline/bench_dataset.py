@@ -2,10 +2,12 @@
 reading the same bytes from one ``.npy`` file per row with plain numpy; printed as a ratio (target >= 0.8).
 
 Both sides deliver the same thing, ``(B, C, H, W) float32`` batches of B rows, and both read from the page cache
-(one untimed warm-up pass each; best of ``--repeats`` timed passes, as the machine is shared), so the ratio measures the reader's overhead (zarr indexing, shard index, codec,
-DataLoader), not the disk. The store is written with ``pipeline.store``'s writer and the codec given (default: the
-store's default codec); its features are smooth like real upsampled features (bilinear upsampling of random
-low-res maps), so compression behaves as it does on real stores.
+(one untimed warm-up round; then ``--repeats`` rounds in which the readers take turns, best round reported, as the
+machine is shared), so the ratio measures the reader's cost (zarr indexing, shard index, codec, DataLoader), not the
+disk. Rows per CPU-second of the in-process readers are printed too: other load on the machine does not change them.
+The store is written with ``pipeline.store``'s writer and the codec given (default: the store's default codec); its
+features are smooth like real upsampled features (bilinear upsampling of random low-res maps), so compression
+behaves as it does on real stores.
 
 Run: ``python -m pipeline.bench_dataset [--rows 96] [--channels 128] [--size 112] [--batch-size 8] [--workers 0 2]``
 """
@@ -24,7 +26,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pipeline.dataset import FeatureDataset
-from pipeline.store import DEFAULT_CODEC, FeatureStoreSchema, Status, create_or_open_store, rows_per_shard_for, write_shard
+from pipeline.store import (
+    DEFAULT_CODEC,
+    FeatureStoreSchema,
+    Status,
+    create_or_open_store,
+    rows_per_shard_for,
+    write_shard,
+)
 
 TARGET_RATIO = 0.8
 """Issue 6: the store reader should reach at least 80 % of plain numpy's samples/s."""
@@ -126,7 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 verdict = "meets" if r / base >= TARGET_RATIO else "below"
                 line += f"  wall ratio {r / base:.2f} ({verdict} target {TARGET_RATIO})"
             if name.endswith("w=0") or name == "numpy .npy loop":
-                line += f"; {cpu:.1f} rows per CPU-s" + (f", CPU ratio {cpu / base_cpu:.2f}" if name != "numpy .npy loop" else "")
+                line += f"; {cpu:.1f} rows per CPU-s"
+                if name != "numpy .npy loop":
+                    line += f", CPU ratio {cpu / base_cpu:.2f}"
             print(line)
         del loaders
     return out

@@ -137,7 +137,9 @@ def _nearest_index(n_out: int, n_in: int, start: int, count: int) -> np.ndarray:
     return np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
 
 
-def align_label(label: np.ndarray, size: tuple[int, int], policy: str, *, fill: int | float = IGNORE_INDEX) -> np.ndarray:
+def align_label(
+    label: np.ndarray, size: tuple[int, int], policy: str, *, fill: int | float = IGNORE_INDEX
+) -> np.ndarray:
     """Resize (nearest) and crop/pad a label map exactly as the image was.
 
     Args:
@@ -232,7 +234,9 @@ class LabelSource:
                 continue
         if data is None:
             tried = ", ".join(self.candidates(image_id, uri))
-            raise InputNotFoundError(f"no label for image {image_id!r} under {self.root} (tried {tried}); check --labels")
+            raise InputNotFoundError(
+                f"no label for image {image_id!r} under {self.root} (tried {tried}); check --labels"
+            )
         with Image.open(io.BytesIO(data)) as im:
             raw = np.asarray(im)  # palette PNGs give their indices, 16-bit PNGs their integers
         if raw.ndim == 3:

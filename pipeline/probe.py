@@ -103,11 +103,15 @@ def _batch_parts(batch: Mapping[str, torch.Tensor], device: torch.device | str) 
     try:
         feats, target = batch["features"], batch["label"]
     except KeyError as exc:
-        raise KeyError(f"probe batch lacks {exc}; build the FeatureDataset with labels=... so items carry 'label'") from None
+        raise KeyError(
+            f"probe batch lacks {exc}; build the FeatureDataset with labels=... so items carry 'label'"
+        ) from None
     return feats.to(device, torch.float32, non_blocking=True), target.to(device, non_blocking=True)
 
 
-def _flip(feats: torch.Tensor, target: torch.Tensor, p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _flip(
+    feats: torch.Tensor, target: torch.Tensor, p: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each sample of the batch horizontally with probability ``p`` (features and target together)."""
     if p <= 0:
         return feats, target
@@ -121,7 +125,9 @@ def _flip(feats: torch.Tensor, target: torch.Tensor, p: float, gen: torch.Genera
     return feats, target
 
 
-def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine decay over ``total_steps`` optimizer steps (after an optional linear warm-up), stepped per step."""
     total = max(int(total_steps), 1)
     warm = max(int(warmup_steps), 0)

@@ -29,7 +29,9 @@ PANEL_GAP = 4
 """White pixels between panels."""
 
 
-def fit_pca(maps: Sequence[torch.Tensor], k: int = 3, *, max_pixels: int = PCA_MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_pca(
+    maps: Sequence[torch.Tensor], k: int = 3, *, max_pixels: int = PCA_MAX_PIXELS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one PCA basis on the pixels of several feature maps of the same image.
 
     Args:
