@@ -307,3 +307,11 @@ def test_backend_switch(monkeypatch) -> None:
 def test_public_names() -> None:
     for name in kernels.__all__:
         assert getattr(kernels, name) is not None
+
+
+def test_bench_worker_measures_each_method() -> None:
+    from kernels import bench
+
+    for method in ("ours", "torch", "unfold", "bilinear"):
+        r = bench._cpu_worker({"method": method, "size": 8, "C": 4, "K": 3, "backward": True, "warmup": True})
+        assert r["seconds"] > 0 and r["peak_bytes"] >= 0, (method, r)
