@@ -298,3 +298,33 @@ def test_store_rows_picture(featurized, tmp_path):
             assert np.asarray(im)[:, :64].std() > 10  # the decoded source photo is shown, not a grey panel
     with pytest.raises(KeyError, match="row 1"):
         render_store_rows(featurized, [1], tmp_path)
+
+
+def test_label_kinds_folder_fine_and_depth(tmp_path):
+    """VOC/ADE-style folders (raw indices, optional zero reduction and lookup), COCO-Stuff 171, 16-bit depth."""
+    from pipeline.labels import COCO_STUFF_UNUSED_FINE_IDS
+
+    raw = np.array([[0, 1, 2], [150, 255, 7]], np.uint8)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "img.png").write_bytes(_png(raw))
+    ade = LabelSource(str(tmp_path), "folder", num_classes=150, reduce_zero_label=True)
+    np.testing.assert_array_equal(ade.read("sub/img.jpg"), [[255, 0, 1], [149, 255, 6]])  # id = relative path
+    voc = LabelSource(str(tmp_path), "folder", num_classes=21)
+    np.testing.assert_array_equal(voc.read("sub/img.jpg"), raw)
+    table = tuple(255 if v == 255 else v // 2 for v in range(256))
+    np.testing.assert_array_equal(LabelSource(str(tmp_path), "folder", lookup=table).read("sub/img.jpg"),
+                                  [[0, 0, 1], [75, 255, 3]])
+    fine = np.arange(182, dtype=np.uint8).reshape(14, 13)
+    (tmp_path / "000000000007.png").write_bytes(_png(fine))
+    f171 = LabelSource(str(tmp_path), "coco-stuff-171").read("7")
+    assert f171[f171 != 255].max() == 170 and len(np.unique(f171[f171 != 255])) == 171
+    assert (f171.ravel()[list(COCO_STUFF_UNUSED_FINE_IDS)] == 255).all()
+    depth = np.full((30, 50), 2500, np.uint16)
+    depth[:, :25] = 0
+    (tmp_path / "d.png").write_bytes(_png(depth))
+    src = LabelSource(str(tmp_path), "depth", depth_scale=1e-3)
+    out = src.aligned("d", size=(20, 20), policy="pad", orig_size=(30, 50))
+    assert out.dtype == np.float32 and out.shape == (20, 20)
+    assert np.allclose(out[:12, 10:], 2.5) and (out[:12, :10] == 0).all() and (out[12:] == 0).all()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        src.read("missing")
