@@ -83,8 +83,9 @@ MAX_ROWS_PER_SHARD: int = 1024
 #: Feature dtypes offered, with their bytes per element.
 DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 
-#: Compressor choices by name. Measured here on EfficientNet-Lite0 features upsampled to 112^2, fp16, one chunk
-#: per image (docs/featurize.md): Blosc zstd + byte shuffle compresses best and reads fastest, so it is the default.
+#: Compressor choices by name. Measured on EfficientNet-Lite0 features upsampled to 112^2, fp16, one chunk per
+#: image (docs/featurize.md): Blosc zstd + byte shuffle compresses best (1.44x bilateral-upsampled here, 2.09x
+#: bilinear in DESIGN.md, vs 1.10x / 1.46x for zarr's default zstd) and reads fast, so it is the default.
 CODECS: dict[str, Any] = {
     "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
     "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),

@@ -171,3 +171,24 @@ def test_s3_to_s3_with_pca(ray_local, s3_bucket, samples_dir):
     assert pca["k"] == 8 and np.asarray(pca["components"]).shape == (8, 320)
     assert list(g["uri"][:2]) == [f"s3://{bucket}/in/{n}" for n in names[:2]]
     assert fs.exists(f"{bucket}/feats/x.zarr/hires/c/0/0/0/0")
+
+
+def test_pca_basis_and_projection_before_upsampling_commutes():
+    """PCA fit is deterministic and exact; projecting before a channel-agnostic upsampler equals projecting after."""
+    import featup_ops
+
+    from pipeline.pca import PCABasis, apply_pca, fit_pca
+
+    g = torch.Generator().manual_seed(0)
+    basis_dirs = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:, :3]  # 3 true directions in 16 channels
+    feats = torch.einsum("ck,nkhw->nchw", basis_dirs, torch.randn(4, 3, 6, 6, generator=g)) + 5.0
+    b = fit_pca(feats, 3)
+    assert b.explained.sum() == pytest.approx(1.0, abs=1e-4)
+    recon = torch.einsum("kc,nkhw->nchw", torch.from_numpy(b.components), apply_pca(feats, b))
+    torch.testing.assert_close(recon + torch.from_numpy(b.mean).view(1, -1, 1, 1), feats, atol=1e-4, rtol=0)
+    b2 = PCABasis.from_dict(fit_pca(feats, 3).to_dict())
+    np.testing.assert_array_equal(b2.components, b.components)
+    up = featup_ops.BilateralUpsampler()
+    assert getattr(up, "channel_agnostic", False)
+    image = torch.randn(4, 3, 24, 24, generator=g)
+    torch.testing.assert_close(apply_pca(up(feats, image), b), up(apply_pca(feats, b), image), atol=1e-4, rtol=1e-4)
