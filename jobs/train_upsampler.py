@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"jittered views per image per step (default {_M.n_jitters})")
     opt.add_argument("--proj-dim", type=int, default=_M.projection_dim,
                      help=f"random projection dim of the features in the loss (default {_M.projection_dim})")
+    opt.add_argument("--grad-clip-steps", type=int, default=_M.grad_clip_steps,
+                     help=f"clip the gradient norm to {_M.grad_clip_norm} for the first N steps, FeatUp's warm-up "
+                     f"(default {_M.grad_clip_steps}; 0 for very short runs)")
     opt.add_argument("--seed", type=int, default=0, help="initialisation and jitter seed (default 0)")
     run = p.add_argument_group("run")
     run.add_argument("--output", required=True, help="storage path for checkpoints and metrics (local or s3://)")
@@ -90,7 +93,8 @@ def config_from_args(args: argparse.Namespace):  # -> pipeline.train.TrainJobCon
         val_images=args.val_images, input_size=args.input_size, cache_images=args.cache_images,
         backbone=args.backbone, backbones=tuple(args.backbones or ()), weights=args.weights,
         feature_agnostic=args.feature_agnostic, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        jitters=args.jitters, proj_dim=args.proj_dim, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        jitters=args.jitters, proj_dim=args.proj_dim, grad_clip_steps=args.grad_clip_steps, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
         val_every=args.val_every, log_every=args.log_every, keep_checkpoints=args.keep_checkpoints,
         workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures,

@@ -171,6 +171,8 @@ class TrainJobConfig:
                 raise ConfigError(f"{key} must be >= 1, got {value} (flag --{key.replace('_', '-')})")
         if self.val_images < 0:
             raise ConfigError(f"val_images must be >= 0, got {self.val_images} (flag --val-images)")
+        if self.grad_clip_steps < 0:
+            raise ConfigError(f"grad_clip_steps must be >= 0, got {self.grad_clip_steps} (flag --grad-clip-steps)")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr} (flag --lr)")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
@@ -289,7 +291,8 @@ def split_rows(n_rows: int, val_images: int, workers: int) -> tuple[list[int], l
 
 
 def build_datasets(cfg: TrainJobConfig) -> dict[str, ray.data.Dataset]:
-    """The "train" dataset (split across workers) and the "val" dataset (held-out rows, read by rank 0).
+    """The "train" dataset (split across workers, decoded by Ray Data tasks) and the "val" dataset (the held-out
+    rows, decoded here and held in memory; read whole by rank 0).
 
     Rows: ``row`` int64 (manifest row), ``image`` ``(H, W, 3) uint8`` at ``input_size`` (decoded with the "crop"
     policy, FeatUp's Resize + CenterCrop).
@@ -326,7 +329,17 @@ def build_datasets(cfg: TrainJobConfig) -> dict[str, ray.data.Dataset]:
 
     out = {"train": dataset(train_rows)}
     if val_rows:
-        out["val"] = dataset(val_rows)
+        # The held-out set is small by design: decode it here once and hand it over in memory, so rank 0 reads it
+        # without launching decode tasks.
+        decoded = _decode_batch(
+            {"row": np.asarray(val_rows), "uri": np.asarray([manifest.uris[r] for r in val_rows])},
+            size=cfg.input_size,
+            storage_options=cfg.storage_options,
+        )
+        if len(decoded["row"]):
+            out["val"] = ray.data.from_items(
+                [{"row": int(r), "image": im} for r, im in zip(decoded["row"], decoded["image"])]
+            )
     return out
 
 
@@ -571,6 +584,19 @@ def _normalize(pixels: torch.Tensor, backbone: Any, device: torch.device) -> tor
     return normalize(pixels, backbone.mean, backbone.std).to(device, non_blocking=True)
 
 
+def _log_validation(log: _MetricsLog | None, val: dict[str, dict[str, float]], step: int, elapsed: float, line: str) -> None:
+    """Add one "val" row per backbone to the log and print them after ``line``."""
+    assert log is not None
+    for bname, v in val.items():
+        log.add({"step": step, "split": "val", "backbone": bname, "elapsed_s": elapsed, **v})
+        line += (
+            f" | val[{bname}] upsampler {v['val_err_upsampler']:.4f} bilinear {v['val_err_bilinear']:.4f}"
+            f" bilateral {v['val_err_bilateral']:.4f} ratio {v['val_ratio']:.3f}"
+        )
+    print(line, flush=True)
+    log.flush()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: build the models, resume, train ``steps`` steps, validate, checkpoint.
 
@@ -614,8 +640,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if start_step >= cfg.steps:
         return
 
+    t_start = time.perf_counter()
+    if rank == 0 and start_step == 0 and val_pixels is not None:
+        # The untrained upsampler on the same views: the starting point the later ratios are read against.
+        _log_validation(log, model.validate(val_pixels, device), 0, 0.0, f"[train] step 0/{cfg.steps}")
     batches = _image_batches(ray.train.get_dataset_shard("train"), cfg, rank)
-    t_start = t_log = time.perf_counter()
+    t_log = time.perf_counter()
     loss_sum, n_images = 0.0, 0
     loss_count = 0
     for step in range(start_step + 1, cfg.steps + 1):
@@ -656,15 +686,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                      "elapsed_s": now - t_start})  # fmt: skip
             line = f"[train] step {step}/{cfg.steps} loss {metrics['loss']:.4f} {metrics['images_per_s']:.1f} img/s"
             if do_val and val_pixels is not None:
-                for bname, v in model.validate(val_pixels, device).items():
-                    log.add({"step": step, "split": "val", "backbone": bname, "elapsed_s": now - t_start, **v})
-                    line += (
-                        f" | val[{bname}] upsampler {v['val_err_upsampler']:.4f} bilinear {v['val_err_bilinear']:.4f}"
-                        f" ratio {v['val_ratio']:.3f}"
-                    )
-                    if len(names) == 1:
-                        metrics.update(v)
-            print(line, flush=True)
+                val = model.validate(val_pixels, device)
+                _log_validation(log, val, step, now - t_start, line)
+                if len(names) == 1:
+                    metrics.update(next(iter(val.values())))
+            else:
+                print(line, flush=True)
             log.flush()
         if do_ckpt or do_val:
             if rank == 0 and do_ckpt:

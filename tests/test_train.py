@@ -98,7 +98,8 @@ def test_job_flags_map_onto_config_fields():
 
 
 @pytest.fixture(scope="module")
-def s3_images(s3_server, samples_dir):
+def s3_photos(s3_server, samples_dir):
+    """The sample photos uploaded to a bucket on the loopback S3 server; yields the bucket URI."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -112,77 +113,71 @@ def s3_images(s3_server, samples_dir):
 
 
 @pytest.fixture(scope="module")
-def s3_runs(ray_local, s3_images):
-    """2 steps from s3://, then the same command with --steps 4 (a resume)."""
+def runs(ray_local, s3_photos, samples_dir):
+    """Two fits of one run stored on s3://: 3 steps reading a local folder, then the same run name with --steps 6
+    reading the same photos from s3:// (a resume: it must continue at step 4)."""
     cfg = TrainJobConfig(
-        input=f"{s3_images}/photos", output=f"{s3_images}/runs", name="s3run", steps=2, checkpoint_every=1,
-        val_every=2, **BASE,
+        input=str(samples_dir), output=f"{s3_photos}/runs", name="r", steps=3, checkpoint_every=1, val_every=3,
+        lr=3e-3, grad_clip_steps=0, **BASE,
     )  # fmt: skip
     first = run_training(cfg)
     first_rows = read_metrics(cfg)
-    second = run_training(dataclasses.replace(cfg, steps=4, checkpoint_every=2))
-    return cfg, first, first_rows, second
+    resumed_cfg = dataclasses.replace(cfg, input=f"{s3_photos}/photos", steps=6, checkpoint_every=3, val_every=6)
+    second = run_training(resumed_cfg)
+    return resumed_cfg, first, first_rows, second
 
 
-def test_two_workers_train_from_s3_and_report_checkpoints_there(s3_runs, s3_images):
+def test_two_workers_train_from_a_local_folder_with_checkpoints_on_s3(runs, s3_photos):
     import s3fs
 
-    cfg, first, first_rows, _ = s3_runs
-    assert first["step"] == 2
-    assert [r["step"] for r in first_rows if r["split"] == "train"] == [1, 2]
+    cfg, first, first_rows, _ = runs
+    assert first["step"] == 3
+    assert [r["step"] for r in first_rows if r["split"] == "train"] == [1, 2, 3]
     fs = s3fs.S3FileSystem()
-    run = f"{s3_images[5:]}/runs/s3run"
+    run = f"{s3_photos[5:]}/runs/r"
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
-    assert {"checkpoint_0000002", "checkpoint_0000004", "metrics.csv", EXPORT_DIR} <= names
-    ckpt_files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoint_0000002")}
+    assert {"checkpoint_0000003", "checkpoint_0000006", "metrics.csv", EXPORT_DIR} <= names
+    assert "checkpoint_0000001" not in names  # keep_checkpoints=3 dropped the oldest
+    ckpt_files = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{run}/checkpoint_0000003")}
     assert {"upsampler.safetensors", "upsampler.json", STATE_FILE} <= ckpt_files
     val = [r for r in first_rows if r["split"] == "val"]
-    assert len(val) == 1 and val[0]["step"] == 2
-    for key in ("val_err_upsampler", "val_err_bilinear", "val_err_bilateral"):
-        assert 0 < val[0][key] < 10
+    assert [r["step"] for r in val] == [0, 3]  # the untrained upsampler first, then after training
+    for r in val:
+        for key in ("val_err_upsampler", "val_err_bilinear", "val_err_bilateral"):
+            assert 0 < r[key] < 10
+        assert r["val_ratio"] == pytest.approx(r["val_err_upsampler"] / r["val_err_bilinear"])
 
 
-def test_a_rerun_with_the_same_name_continues_from_the_saved_step(s3_runs):
-    cfg, first, first_rows, second = s3_runs
-    assert second["step"] == 4
+def test_a_rerun_with_the_same_name_reads_s3_and_continues_from_the_saved_step(runs):
+    cfg, first, first_rows, second = runs
+    assert second["step"] == 6
     rows = read_metrics(cfg)
-    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]  # 3, 4 continue; no restart at 1
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # no restart at 1
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 3, 6]
     assert rows[: len(first_rows)] == first_rows
     up = load_upsampler(cfg.export_uri)
-    assert up.checkpoint_meta["step"] == 4
+    assert up.checkpoint_meta["step"] == 6
     assert up.checkpoint_meta["backbone"] == "efficientnet_lite0"
+    assert up.checkpoint_meta["metrics"]["val_ratio"] == pytest.approx(second["metrics"]["val_ratio"])
 
 
-@pytest.fixture(scope="module")
-def local_run(ray_local, samples_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    cfg = TrainJobConfig(
-        input=str(samples_dir), output=str(out), name="local", steps=8, checkpoint_every=4, val_every=8, lr=3e-3,
-        **BASE,
-    )  # fmt: skip
-    return cfg, run_training(cfg)
-
-
-def test_loss_falls_over_a_short_run_from_a_local_folder(local_run):
-    cfg, result = local_run
+def test_loss_falls_over_the_short_run(runs):
+    cfg = runs[0]
     losses = [r["loss"] for r in read_metrics(cfg) if r["split"] == "train"]
-    assert len(losses) == 8
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert result["metrics"]["val_ratio"] > 0
+    assert sum(losses[-2:]) / 2 < losses[0]
 
 
-def test_exported_upsampler_round_trips_into_load_upsampler_and_featurize(local_run, tmp_path, samples_dir):
+def test_exported_upsampler_round_trips_into_load_upsampler_and_featurize(runs, tmp_path, samples_dir):
     from featup_ops import load_backbone
     from featup_ops.checkpoint import checkpoint_hash
     from pipeline.featurize import FeaturizeConfig, run_featurize
     from pipeline.store import open_store, read_attrs
 
-    cfg, result = local_run
+    cfg, _, _, result = runs
     up = load_upsampler(result["upsampler"])
     ckpt = load_upsampler(result["checkpoint"])  # the Ray checkpoint folder itself loads too
     for a, b in zip(up.state_dict().values(), ckpt.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert up.checkpoint_meta["step"] == 8
     bb = load_backbone("efficientnet_lite0")
     img = torch.randn(1, 3, SIZE, SIZE)
     assert up(bb(img), img).shape == (1, 320, SIZE, SIZE)
