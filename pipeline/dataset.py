@@ -462,3 +462,25 @@ def complete_image_ids(
     """``{image_id: row}`` of the complete rows of ``array`` in a store (for joining stores on the same images)."""
     ds = FeatureDataset(store, array, storage_options=storage_options)
     return {ds._image_ids[int(r)]: int(r) for r in ds.rows}
+
+
+def describe(store: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """:func:`pipeline.store.store_summary` plus what a reader gets: complete rows and item shape per array."""
+    from pipeline.store import open_store, store_summary
+
+    lines = [store_summary(store, storage_options=storage_options)]
+    names = [a for a in FEATURE_ARRAYS if a in open_store(store, storage_options=storage_options)]
+    for name in names:
+        ds = FeatureDataset(store, name, storage_options=storage_options)
+        c, h, w = ds.item_shape
+        lines.append(f"dataset    {name}: {len(ds)} complete rows, items ({c}, {h}, {w}) float32, "
+                     f"{ds.rows_per_shard} rows per shard")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m pipeline.dataset STORE: print what the store holds and what a reader gets
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m pipeline.dataset STORE_URI")
+    print(describe(sys.argv[1]))

@@ -192,7 +192,7 @@ def test_coco_stuff_labels_through_dataset(tmp_path):
     for i in ids:
         (root / f"{int(i):012d}.png").write_bytes(_png(fine))
     src = LabelSource(str(root), "coco-stuff-27")
-    ds = FeatureDataset(uri, "hires", labels=src)
+    ds = pickle.loads(pickle.dumps(FeatureDataset(uri, "hires", labels=src)))  # what a spawned worker gets
     item = ds[0]
     expect = align_label(np.where(fine == 255, 255, np.asarray(COCO_STUFF_FINE_TO_COARSE)[np.minimum(fine, 181)]),
                          INPUT, "crop")
@@ -275,7 +275,11 @@ def _check_featurized(uri: str) -> None:
 
 @pytest.mark.slow
 def test_featurized_store_local(featurized):
+    from pipeline.dataset import describe
+
     _check_featurized(featurized)
+    text = describe(featurized)
+    assert "hires: 3 complete rows, items (320, 64, 64) float32" in text and "1 failed" in text
 
 
 @pytest.mark.slow
