@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -28,9 +28,8 @@ from pipeline.decode import MAX_PIXELS, decode_image
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.pca import PCABasis, fit_pca
 from pipeline.sources import Manifest, build_manifest, read_many
-from pipeline.stages import DecodeSpec, Featurizer, ModelSpec, build_models, decode_units, featurize_pixels
+from pipeline.stages import DecodeSpec, Featurizer, ModelSpec, build_models, decode_units
 from pipeline.store import (
-    ATTRS_KEY,
     DEFAULT_CODEC,
     DTYPE_BYTES,
     FeatureStoreSchema,
@@ -239,8 +238,8 @@ class _Progress:
         rate = new / dt if dt > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         return (
-            f"featurize: {done}/{self.total} rows ({counts['failed']} failed) | {rate:.1f} img/s | "
-            f"ETA {_fmt_time(eta)}"
+            f"featurize: {done}/{self.total} rows ({counts['failed']} failed) | {rate:.2f} img/s | "
+            f"ETA {_fmt_time(eta)} | {_fmt_time(dt)} elapsed"
         )
 
     def _run(self) -> None:
@@ -275,8 +274,6 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         StoreMismatchError: the output store exists with other settings.
         ConfigError: invalid settings (e.g. input size not a multiple of the stride).
     """
-    import ray
-
     t_start = time.monotonic()
     manifest = build_manifest(
         cfg.input, kind=cfg.kind, split=cfg.split, limit=cfg.limit, storage_options=cfg.storage_options
@@ -400,7 +397,7 @@ def _run_plan(
     dspec = DecodeSpec(
         input_size=(cfg.input_size, cfg.input_size),
         policy=cfg.policy,
-        min_side=spec_stride(spec, group),
+        min_side=int(read_attrs(group)["stride"]),  # images smaller than one feature cell are refused
         rows_per_shard=schema.rows_per_shard,
         max_pixels=cfg.max_pixels,
         storage_options=cfg.storage_options,
@@ -429,11 +426,6 @@ def _run_plan(
     sink = ZarrFeatureDatasink(cfg.output, storage_options=cfg.storage_options)
     with _Progress(cfg, group, schema.n_rows, before["complete"] + before["failed"]):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.decode_cpus})
-
-
-def spec_stride(spec: ModelSpec, group: Any) -> int:
-    """The backbone stride recorded in the store (the decode stage refuses images smaller than it)."""
-    return int(read_attrs(group)["stride"])
 
 
 def add_featurize_args(parser: Any) -> Any:

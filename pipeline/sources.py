@@ -23,6 +23,7 @@ each row came from:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import tarfile
@@ -30,8 +31,6 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import hashlib
 
 from pipeline.errors import ConfigError, InputNotFoundError
 from pipeline.storage import filesystem, is_remote
