@@ -310,9 +310,7 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     if cfg.upsampler:
         from featup_ops.checkpoint import checkpoint_hash
 
-        ckpt_hash = checkpoint_hash(cfg.upsampler, storage_options=cfg.storage_options) if _accepts_options(
-            checkpoint_hash
-        ) else checkpoint_hash(cfg.upsampler)
+        ckpt_hash = checkpoint_hash(cfg.upsampler, storage_options=cfg.storage_options)
     settings = {
         "backbone": cfg.backbone,
         "weights_hash": backbone.weights_hash,
@@ -360,15 +358,6 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     _say(cfg, f"featurize: done in {_fmt_time(seconds)}: {counts['complete']} complete, {counts['failed']} failed, "
               f"{counts['pending']} pending")
     return result
-
-
-def _accepts_options(fn: Any) -> bool:
-    import inspect
-
-    try:
-        return "storage_options" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _run_plan(

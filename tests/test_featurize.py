@@ -161,6 +161,20 @@ def test_other_settings_into_the_same_store_are_refused(clean_run, bad_folder):
         run_featurize(config(str(folder / "missing"), out))
 
 
+def test_bad_model_settings_fail_before_any_work(bad_folder, tmp_path):
+    from featup_ops.errors import FeatupError, UnknownBackboneError, WeightsNotFoundError
+
+    folder, _ = bad_folder
+    out = str(tmp_path / "never.zarr")
+    with pytest.raises(UnknownBackboneError):
+        run_featurize(config(str(folder), out, backbone="no_such_backbone"))
+    with pytest.raises(WeightsNotFoundError):
+        run_featurize(config(str(folder), out, weights=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(FeatupError):
+        run_featurize(config(str(folder), out, upsampler=str(tmp_path / "no_checkpoint")))
+    assert not os.path.exists(out)
+
+
 def test_featurizer_stage_applies_the_stored_pca_basis(bad_folder):
     """The actor class itself (no Ray): PCA from the store attributes, failed rows zero, status per row."""
     import featup_ops
