@@ -57,6 +57,9 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_COMPILE, "1").strip() == "0":
         _reason = f"{ENV_COMPILE}=0"
         return None
+    if not SOURCE.is_file():  # e.g. an install whose package data lacks *.cpp
+        _reason = f"{SOURCE.name} not found next to {__name__}"
+        return None
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         _reason = "no C++ compiler (g++/c++) on PATH"
