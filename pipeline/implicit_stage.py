@@ -92,6 +92,9 @@ DEFAULT_CPUS_PER_ACTOR = 1.0
 torch threads the fit uses. Fractional values pack actors (a 2-core machine must leave room for decode tasks)."""
 DECODE_CPUS = 0.25
 """CPUs per decode task: reading and decoding is light next to fitting (DESIGN.md, "Running")."""
+DECODE_TASKS_IN_FLIGHT = 2
+"""Decode tasks the implicit plan budgets for: one unit being decoded while the actors fit the previous ones is
+enough (a fit takes seconds, a decode milliseconds); two absorb stragglers."""
 
 
 @dataclass(frozen=True)
@@ -609,6 +612,16 @@ def actor_resources(cfg: ImplicitStageConfig) -> dict[str, Any]:
     return args
 
 
+def plan_resource_limits(cfg: ImplicitStageConfig) -> Any:
+    """Resource cap of the implicit plan: its actors plus :data:`DECODE_TASKS_IN_FLIGHT` decode tasks."""
+    from ray.data import ExecutionResources
+
+    return ExecutionResources(
+        cpu=cfg.actors * cfg.cpus_per_actor + DECODE_TASKS_IN_FLIGHT * DECODE_CPUS,
+        gpu=cfg.actors * cfg.gpus,
+    )
+
+
 def add_implicit_stage(
     ds: "ray.data.Dataset",
     store: str,
@@ -729,9 +742,11 @@ def start_implicit(
     units = implicit_units(pending, int(attrs["rows_per_shard"]), image_ids, uris)
     say = progress or (lambda _msg: None)
     hi, wi = settings["output_size"]
+    row_bytes = group[IMPLICIT].dtype.itemsize * int(settings["channels"]) * hi * wi
     say(
         f"implicit: {len(pending)} rows in {len(units)} shard units to fit; preset {settings['preset']}, "
-        f"{hi}x{wi}, {cfg.actors} actor(s) x ({cfg.gpus:g} GPU, {cfg.cpus_per_actor:g} CPU)"
+        f"{settings['channels']}x{hi}x{wi} ({row_bytes / 1e6:.1f} MB per image uncompressed), "
+        f"{cfg.actors} actor(s) x ({cfg.gpus:g} GPU, {cfg.cpus_per_actor:g} CPU)"
     )
 
     def target() -> dict[str, int]:
@@ -746,6 +761,9 @@ def start_implicit(
             batch_format="numpy", num_cpus=DECODE_CPUS,
         )
         ds = add_implicit_stage(ds, store, cfg, storage_options=storage_options, weights=weights, passthrough=False)
+        # Ray Data shares the cluster between concurrent plans through its autoscaling coordinator; capping this
+        # plan at what its actors and decode tasks need leaves the rest to the featurize plan beside it.
+        ds.context.execution_options.resource_limits = plan_resource_limits(cfg)
         t0 = time.monotonic()
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for k in ("fitted", "failed", "skipped"):
@@ -806,3 +824,65 @@ def run_fit_implicit(cfg: FitImplicitConfig) -> dict[str, int]:
         storage_options=cfg.storage_options, progress=say,
     )
     return run.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# featurize-job wiring (pipeline.featurize calls these; its config carries the implicit_* fields below)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def add_implicit_args(parser: Any) -> Any:
+    """Add ``--implicit``, ``--implicit-size``, ``--implicit-gpus``, ``--implicit-preset`` (+ actors, CPUs) to a
+    featurize job's parser; the names match ``FeaturizeConfig``'s ``implicit*`` fields."""
+    a = parser.add_argument
+    a("--implicit", action="store_true", help="also fit per-image implicit features (slow; own actors)")
+    a("--implicit-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+      help="implicit feature size, any H W (default: the hires output size)")
+    a("--implicit-gpus", type=float, default=None,
+      help="GPUs per implicit actor, fractional allowed (default: 1 if the cluster has GPUs, else 0 = CPU actors)")
+    a("--implicit-preset", default="fast", help="implicit fit preset: fast (default) or paper (FeatUp's values)")
+    a("--implicit-actors", type=int, default=1, help="implicit fitting actors")
+    a("--implicit-cpus", type=float, default=DEFAULT_CPUS_PER_ACTOR, help="CPUs reserved per implicit actor")
+    return parser
+
+
+def stage_config_from(job_cfg: Any) -> ImplicitStageConfig:
+    """The :class:`ImplicitStageConfig` of a featurize config's ``implicit_*`` fields.
+
+    ``implicit_preset`` is a preset name or (API use) a ``featup_ops.ImplicitConfig``. Ray must be initialised when
+    ``implicit_gpus`` is None: the default depends on the cluster's GPUs.
+    """
+    gpus = getattr(job_cfg, "implicit_gpus", None)
+    size = getattr(job_cfg, "implicit_size", None)
+    preset = getattr(job_cfg, "implicit_preset", "fast")
+    return ImplicitStageConfig(
+        preset=preset if isinstance(preset, str) else "fast",
+        implicit_cfg=None if isinstance(preset, str) else preset,  # an ImplicitConfig given through the API
+        output_size=tuple(size) if size else None,
+        gpus=default_implicit_gpus() if gpus is None else float(gpus),
+        actors=int(getattr(job_cfg, "implicit_actors", 1)),
+        cpus_per_actor=float(getattr(job_cfg, "implicit_cpus", DEFAULT_CPUS_PER_ACTOR)),
+        seed=int(getattr(job_cfg, "implicit_seed", 0)),
+    )
+
+
+def start_featurize_implicit(job_cfg: Any, manifest: Any) -> ImplicitRun:
+    """Start the implicit plan of a featurize job beside its main plan (after the store exists).
+
+    Every manifest row whose ``implicit_status`` is pending is fitted (decoded by the plan itself), so a rerun
+    resumes both plans independently. Wait for it with ``.wait()`` after the main plan.
+    """
+    from pipeline.featurize import init_ray
+
+    init_ray()
+    quiet = bool(getattr(job_cfg, "quiet", False))
+    return start_implicit(
+        job_cfg.output,
+        stage_config_from(job_cfg),
+        image_ids=manifest.image_ids,
+        uris=manifest.uris,
+        require_complete=False,
+        weights=job_cfg.weights,
+        storage_options=job_cfg.storage_options,
+        progress=None if quiet else (lambda msg: print(msg, flush=True)),
+    )
