@@ -49,11 +49,13 @@ ray_token_env() {
         return 0
     fi
     if [ -n "${RAY_AUTH_TOKEN_PATH:-}" ]; then
-        [ -s "$RAY_AUTH_TOKEN_PATH" ] || die "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is missing or empty; create it (e.g. python -c 'import secrets; print(secrets.token_hex(32), end=\"\")' > FILE; chmod 600 FILE) or unset it"
+        [ -s "$RAY_AUTH_TOKEN_PATH" ] \
+            || die "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH is missing or empty; write a token there or unset it"
         return 0
     fi
     if [ ! -s "$HOME/.ray/auth_token" ]; then
-        [ "$missing" = generate ] || die "no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); use the head's token"
+        [ "$missing" = generate ] \
+            || die "no Ray auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); use the head's"
         ray get-auth-token --generate >/dev/null 2>&1 || die "could not generate a Ray auth token in ~/.ray/auth_token"
         chmod 600 "$HOME/.ray/auth_token"
         info "generated a new Ray auth token in ~/.ray/auth_token"

@@ -264,7 +264,8 @@ def test_no_credentials_in_config_files(path: Path) -> None:
 
 def test_kuberay_s3_access_via_irsa_service_account() -> None:
     sa = _one(RAYCLUSTER, "ServiceAccount")
-    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
+    role = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", role)
     pods = [g["template"]["spec"] for g in [_one(RAYCLUSTER, "RayCluster")["spec"]["headGroupSpec"],
                                               *_one(RAYCLUSTER, "RayCluster")["spec"]["workerGroupSpecs"]]]
     pods.append(_one(RAYJOB, "RayJob")["spec"]["submitterPodTemplate"]["spec"])

@@ -55,7 +55,8 @@ class LocalCluster:
         token.chmod(0o600)
         self.root = root
         self.token = token.read_text()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
+        inherited = ("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH")  # never point the scripts at another cluster
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
         self.env.update(
             FEATUP_RAY_DIR=str(root / "ray"),
             FEATUP_RAY_PORT=str(_free_port()),
@@ -157,7 +158,9 @@ def _status(store: Path) -> np.ndarray | None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_featurize_job_on_two_nodes_survives_losing_the_gpu_node(cluster_root: Path, samples_dir: Path, ray_local) -> None:
+def test_featurize_job_on_two_nodes_survives_losing_the_gpu_node(
+    cluster_root: Path, samples_dir: Path, ray_local
+) -> None:
     import zarr
 
     from pipeline.featurize import FeaturizeConfig, run_featurize
