@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--limit", type=int, default=None, help="use only the first N images of the input")
     data.add_argument("--val-images", type=int, default=2,
                       help="hold out the last N images for validation (default 2)")
+    data.add_argument("--val-views", type=int, default=10,
+                      help="fixed jittered views per held-out image at validation, the identity first (default 10)")
     data.add_argument("--input-size", type=int, default=_M.image_size,
                       help=f"square training crop in px, a multiple of the backbone stride (default {_M.image_size})")
     data.add_argument("--cache-images", action=argparse.BooleanOptionalAction, default=True,
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPUs per worker; leave some free for the decode tasks (default 1)")
     run.add_argument("--max-failures", type=int, default=0,
                      help="restart failed workers from the last checkpoint this many times (-1: always)")
+    run.add_argument("--storage-options", type=json.loads, default=None,
+                     help='fsspec options for s3:// input/output as JSON, e.g. \'{"client_kwargs": {"endpoint_url": '
+                     '"http://127.0.0.1:9000"}}\' (default: AWS_* environment variables)')
     run.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     return p
 
@@ -90,14 +95,15 @@ def config_from_args(args: argparse.Namespace):  # -> pipeline.train.TrainJobCon
 
     return TrainJobConfig(
         input=args.input, output=args.output, name=args.name, kind=args.kind, split=args.split, limit=args.limit,
-        val_images=args.val_images, input_size=args.input_size, cache_images=args.cache_images,
+        val_images=args.val_images, val_views=args.val_views, input_size=args.input_size,
+        cache_images=args.cache_images,
         backbone=args.backbone, backbones=tuple(args.backbones or ()), weights=args.weights,
         feature_agnostic=args.feature_agnostic, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         jitters=args.jitters, proj_dim=args.proj_dim, grad_clip_steps=args.grad_clip_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         val_every=args.val_every, log_every=args.log_every, keep_checkpoints=args.keep_checkpoints,
         workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-        max_failures=args.max_failures,
+        max_failures=args.max_failures, storage_options=args.storage_options,
     )  # fmt: skip
 
 

@@ -85,8 +85,8 @@ METRIC_COLUMNS: tuple[str, ...] = (
 #: Seed of the validation views: the same jittered views at every validation, so errors are comparable over time
 #: and the upsampler and bilinear are always measured on identical views.
 VAL_SEED = 20_240_601
-#: Jittered views per held-out image at validation (FeatUp's n_jitters per training image, times 2 for a steadier
-#: figure).
+#: Default jittered views per held-out image at validation (the identity + 9 jitters: FeatUp's 5 jitters per
+#: training image, doubled for a steadier figure).
 VAL_VIEWS = 10
 
 
@@ -102,6 +102,7 @@ class TrainJobConfig:
         name: run name; checkpoints go to ``<output>/<name>/``; the same name resumes.
         kind / split / limit: passed to :func:`pipeline.sources.build_manifest`.
         val_images: the last this-many manifest rows are held out for validation (never trained on).
+        val_views: fixed views per held-out image at validation (the identity first).
         input_size: training crop, square (Resize + CenterCrop, FeatUp's transform); a multiple of every stride.
         backbone: backbone preset; ignored when ``backbones`` is given.
         backbones: several backbones for feature-agnostic training (one per step, round-robin).
@@ -131,6 +132,7 @@ class TrainJobConfig:
     split: str | None = None
     limit: int | None = None
     val_images: int = 2
+    val_views: int = VAL_VIEWS
     input_size: int = _METHOD.image_size
     backbone: str = "efficientnet_lite0"
     backbones: tuple[str, ...] = ()
@@ -164,7 +166,7 @@ class TrainJobConfig:
         positive = {
             "steps": self.steps, "batch_size": self.batch_size, "jitters": self.jitters, "proj_dim": self.proj_dim,
             "checkpoint_every": self.checkpoint_every, "val_every": self.val_every, "log_every": self.log_every,
-            "workers": self.workers, "input_size": self.input_size,
+            "workers": self.workers, "input_size": self.input_size, "val_views": self.val_views,
         }  # fmt: skip
         for key, value in positive.items():
             if value < 1:
@@ -312,7 +314,11 @@ def build_datasets(cfg: TrainJobConfig) -> dict[str, ray.data.Dataset]:
     from pipeline.sources import build_manifest
 
     manifest = build_manifest(
-        cfg.input, kind=cfg.kind, split=cfg.split, limit=cfg.limit, storage_options=cfg.storage_options  # type: ignore[arg-type]
+        cfg.input,
+        kind=cfg.kind,  # type: ignore[arg-type]
+        split=cfg.split,
+        limit=cfg.limit,
+        storage_options=cfg.storage_options,
     )
     train_rows, val_rows = split_rows(len(manifest), cfg.val_images, cfg.workers)
 
@@ -584,7 +590,9 @@ def _normalize(pixels: torch.Tensor, backbone: Any, device: torch.device) -> tor
     return normalize(pixels, backbone.mean, backbone.std).to(device, non_blocking=True)
 
 
-def _log_validation(log: _MetricsLog | None, val: dict[str, dict[str, float]], step: int, elapsed: float, line: str) -> None:
+def _log_validation(
+    log: _MetricsLog | None, val: dict[str, dict[str, float]], step: int, elapsed: float, line: str
+) -> None:
     """Add one "val" row per backbone to the log and print them after ``line``."""
     assert log is not None
     for bname, v in val.items():
@@ -634,7 +642,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         print(
             f"[train] {cfg.name}: backbones {list(names)}, {world} worker(s) on {device}, steps {start_step + 1}.."
-            f"{cfg.steps}, batch {cfg.batch_size}/worker, held-out images {0 if val_pixels is None else len(val_pixels)}",
+            f"{cfg.steps}, batch {cfg.batch_size}/worker, "
+            f"held-out images {0 if val_pixels is None else len(val_pixels)}",
             flush=True,
         )
     if start_step >= cfg.steps:
@@ -688,8 +697,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if do_val and val_pixels is not None:
                 val = model.validate(val_pixels, device)
                 _log_validation(log, val, step, now - t_start, line)
-                if len(names) == 1:
-                    metrics.update(next(iter(val.values())))
+                for bname, v in val.items():
+                    metrics.update(v if len(names) == 1 else {f"{k}[{bname}]": x for k, x in v.items()})
             else:
                 print(line, flush=True)
             log.flush()
@@ -748,7 +757,7 @@ class _TrainModel(nn.Module):
         was_training = self.training
         self.eval()
         size = (int(pixels.shape[1]), int(pixels.shape[2]))
-        views = fixed_views(VAL_VIEWS, size, self.cfg.jitter, seed=VAL_SEED)
+        views = fixed_views(self.cfg.val_views, size, self.cfg.jitter, seed=VAL_SEED)
         candidates = {"upsampler": self.upsampler, "bilinear": BilinearUpsampler(), "bilateral": BilateralUpsampler()}
         out: dict[str, dict[str, float]] = {}
         for name, bb in self.backbones.items():
@@ -814,6 +823,8 @@ class _TrainModel(nn.Module):
                 f"({sorted(state['objectives'])[:4]}...); use a new --name ({str(exc).splitlines()[0]})"
             ) from None
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # this job's lr wins over the saved one (a resume may change it)
+            group["lr"] = self.cfg.lr
         return int(state["step"])
 
 

@@ -190,3 +190,55 @@ def test_exported_upsampler_round_trips_into_load_upsampler_and_featurize(runs, 
     assert counts["complete"] == 2
     attrs = read_attrs(open_store(out))
     assert attrs["upsampler_checkpoint_hash"] == checkpoint_hash(result["upsampler"])
+
+
+# ------------------------------------------------------------------------------------- the model, in-process
+
+
+def _in_process_model(names, **kw):
+    from featup_ops import load_backbone
+    from pipeline.train import _TrainModel
+
+    weights = {"efficientnet_lite0": None, "vit_s16": "random"}
+    backbones = {n: load_backbone(n, weights[n]) for n in names}
+    cfg = TrainJobConfig(input="x", output="y", input_size=SIZE, backbones=tuple(names), jitters=1, proj_dim=8, **kw)
+    torch.manual_seed(0)
+    return cfg, _TrainModel(cfg, backbones)
+
+
+def test_multi_backbone_training_shares_one_upsampler_and_keeps_a_head_per_backbone():
+    from pipeline.train import _normalize
+
+    cfg, model = _in_process_model(["efficientnet_lite0", "vit_s16"], val_views=2)
+    assert model.upsampler.dim is None  # feature-agnostic
+    assert set(model.objectives) == {"efficientnet_lite0", "vit_s16"}
+    pixels = torch.randint(0, 256, (2, SIZE, SIZE, 3), dtype=torch.uint8)
+    for name in ("efficientnet_lite0", "vit_s16"):
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(_normalize(pixels, model.backbones[name], torch.device("cpu")), name, torch.Generator())
+        loss.backward()
+        assert all(p.grad is not None for p in model.upsampler.parameters() if p.requires_grad)
+        other = "vit_s16" if name == "efficientnet_lite0" else "efficientnet_lite0"
+        assert all(p.grad is None for p in model.objectives[other].parameters())
+    val = model.validate(pixels, torch.device("cpu"))
+    assert set(val) == {"efficientnet_lite0", "vit_s16"}
+
+
+def test_training_state_round_trips_and_another_setup_is_refused(tmp_path):
+    from featup_ops.errors import CheckpointError
+
+    cfg, model = _in_process_model(["efficientnet_lite0"])
+    opt = torch.optim.NAdam(model.parameters(), lr=cfg.lr)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_training_state(str(tmp_path), opt, 7, {"loss": 1.5})
+    _, fresh = _in_process_model(["efficientnet_lite0"], lr=5e-4)
+    opt2 = torch.optim.NAdam(fresh.parameters(), lr=5e-4)
+    assert fresh.load_training_state(str(tmp_path), opt2, torch.device("cpu")) == 7
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert opt2.param_groups[0]["lr"] == 5e-4  # this job's lr, not the saved one
+    _, mixing = _in_process_model(["efficientnet_lite0"], feature_agnostic=False)
+    with pytest.raises(CheckpointError, match="new --name"):
+        mixing.load_training_state(str(tmp_path), torch.optim.NAdam(mixing.parameters()), torch.device("cpu"))
