@@ -639,6 +639,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     log = _MetricsLog(cfg, start_step) if rank == 0 else None
     val_pixels = _val_images(cfg) if rank == 0 else None
+    if start_step >= cfg.steps:
+        if rank == 0:
+            print(f"[train] {cfg.name}: already at step {start_step} >= --steps {cfg.steps}; nothing to do", flush=True)
+        return
     if rank == 0:
         print(
             f"[train] {cfg.name}: backbones {list(names)}, {world} worker(s) on {device}, steps {start_step + 1}.."
@@ -646,8 +650,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             f"held-out images {0 if val_pixels is None else len(val_pixels)}",
             flush=True,
         )
-    if start_step >= cfg.steps:
-        return
 
     t_start = time.perf_counter()
     if rank == 0 and start_step == 0 and val_pixels is not None:
