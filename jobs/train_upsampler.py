@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one GPU per worker (default: CPU workers with gloo)")
     run.add_argument("--cpus-per-worker", type=float, default=1.0,
                      help="CPUs per worker; leave some free for the decode tasks (default 1)")
+    run.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per Ray Data decode task (default 0.5)")
     run.add_argument("--max-failures", type=int, default=0,
                      help="restart failed workers from the last checkpoint this many times (-1: always)")
     run.add_argument("--storage-options", type=json.loads, default=None,
@@ -102,7 +103,7 @@ def config_from_args(args: argparse.Namespace):  # -> pipeline.train.TrainJobCon
         jitters=args.jitters, proj_dim=args.proj_dim, grad_clip_steps=args.grad_clip_steps, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         val_every=args.val_every, log_every=args.log_every, keep_checkpoints=args.keep_checkpoints,
-        workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+        workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, decode_cpus=args.decode_cpus,
         max_failures=args.max_failures, storage_options=args.storage_options,
     )  # fmt: skip
 
