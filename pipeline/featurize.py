@@ -73,7 +73,8 @@ class FeaturizeConfig:
         num_actors: CPU featurizer actors when no GPU is used.
         actor_cpus: CPUs reserved per CPU featurizer actor (Ray scheduling; torch uses ``torch_threads``).
         decode_cpus: CPUs reserved per decode task (decode is light; fractional packs several per core).
-        torch_threads: torch intra-op threads per CPU actor; None = the node's core count.
+        torch_threads: torch intra-op threads per CPU actor; None = the node's cores minus one (see
+            :func:`pipeline.stages.default_torch_threads`).
         codec: compressor (``blosc-zstd``, ``blosc-lz4``, ``zstd``, ``none``).
         rows_per_shard: override S (normally derived from the row size; see :mod:`pipeline.store`).
         max_pixels: decompression-bomb limit, in pixels.
@@ -266,7 +267,8 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
 
     Returns:
         Counts: ``rows``, ``complete``, ``failed``, ``pending``, ``units_run``, ``units_skipped``, ``seconds``,
-        ``images_per_s`` (rows finished by this run / its wall time), ``store``, ``resumed``.
+        ``images_per_s`` (rows finished by this run / its wall time), ``steady_images_per_s`` (after the first
+        unit finished: excludes start-up; present when 2+ units ran), ``store``, ``resumed``.
 
     Raises:
         InputNotFoundError: missing/unreadable input, or no images.
@@ -345,8 +347,7 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     if resumed:
         _say(cfg, f"featurize: resuming {cfg.output}: {before['complete'] + before['failed']} rows done, "
                   f"{len(todo)} of {schema.num_shards} shards to go")
-    if todo:
-        _run_plan(cfg, manifest, schema, spec, todo, group, before)
+    written = _run_plan(cfg, manifest, schema, spec, todo, group, before) if todo else {}
     counts = status_counts(group)
     seconds = time.monotonic() - t_start
     new = counts["complete"] + counts["failed"] - before["complete"] - before["failed"]
@@ -355,6 +356,8 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         "seconds": round(seconds, 2), "images_per_s": round(new / seconds, 3) if seconds > 0 else 0.0,
         "store": cfg.output, "resumed": resumed,
     }
+    if "steady_images_per_s" in written:
+        result["steady_images_per_s"] = round(written["steady_images_per_s"], 3)
     _say(cfg, f"featurize: done in {_fmt_time(seconds)}: {counts['complete']} complete, {counts['failed']} failed, "
               f"{counts['pending']} pending")
     return result
@@ -368,7 +371,7 @@ def _run_plan(
     todo: list[int],
     group: Any,
     before: dict[str, int],
-) -> None:
+) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -415,6 +418,7 @@ def _run_plan(
     sink = ZarrFeatureDatasink(cfg.output, storage_options=cfg.storage_options)
     with _Progress(cfg, group, schema.n_rows, before["complete"] + before["failed"]):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.decode_cpus})
+    return sink.result
 
 
 def add_featurize_args(parser: Any) -> Any:
@@ -439,7 +443,7 @@ def add_featurize_args(parser: Any) -> Any:
     a("--num-actors", type=int, default=d.num_actors, help="CPU featurizer actors (without GPUs)")
     a("--actor-cpus", type=float, default=d.actor_cpus, help="CPUs reserved per CPU featurizer actor")
     a("--decode-cpus", type=float, default=d.decode_cpus, help="CPUs reserved per decode/write task")
-    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: all cores)")
+    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: cores - 1)")
     a("--codec", default=d.codec, choices=list(MEASURED_RATIO), help="compressor (default %(default)s)")
     a("--rows-per-shard", type=int, default=None, help="override images per shard (default: ~64 MiB shards)")
     a("--storage-options", type=json.loads, default=None, help='fsspec options as JSON, e.g. \'{"anon": true}\'')

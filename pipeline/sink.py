@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,7 +28,7 @@ CRASH_ENV: str = "FEATUP_TEST_CRASH_AT_SHARD"
 _GROUPS: dict[str, Any] = {}
 
 
-class ZarrFeatureDatasink(Datasink[dict[str, int]]):
+class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
     """Write work units (one shard each) into an existing feature store.
 
     Args:
@@ -40,7 +41,7 @@ class ZarrFeatureDatasink(Datasink[dict[str, int]]):
         self.storage_options = storage_options
         crash = os.environ.get(CRASH_ENV)
         self._crash_at = int(crash) if crash else None
-        self.result: dict[str, int] = {}
+        self.result: dict[str, Any] = {}
 
     def _group(self) -> Any:
         key = json.dumps([self.uri, self.storage_options], sort_keys=True, default=str)
@@ -51,9 +52,9 @@ class ZarrFeatureDatasink(Datasink[dict[str, int]]):
     def on_write_start(self, schema: Any = None) -> None:
         open_store(self.uri, storage_options=self.storage_options)  # fail on the driver if the store is missing
 
-    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict[str, int]:
+    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict[str, Any]:
         group = self._group()
-        out = {"units": 0, "complete": 0, "failed": 0, "bytes": 0}
+        out: dict[str, Any] = {"units": 0, "complete": 0, "failed": 0, "bytes": 0, "done": []}
         for block in blocks:
             for unit in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
                 n = int(unit["n"])
@@ -76,13 +77,21 @@ class ZarrFeatureDatasink(Datasink[dict[str, int]]):
                 out["units"] += 1
                 out["complete"] += int((data["status"] == 1).sum())
                 out["failed"] += int((data["status"] == 2).sum())
+                out["done"].append((time.time(), n))  # (wall time the unit was complete, its rows)
         return out
 
     def on_write_complete(self, write_result: Any) -> None:
-        total = {"units": 0, "complete": 0, "failed": 0, "bytes": 0}
+        total: dict[str, Any] = {"units": 0, "complete": 0, "failed": 0, "bytes": 0}
+        done: list[tuple[float, int]] = []
         for r in write_result.write_returns:
             for k in total:
                 total[k] += int(r.get(k, 0))
+            done += [tuple(d) for d in r.get("done", [])]
+        done.sort()
+        # Steady-state rate: rows finished after the first unit, over the time since the first unit finished
+        # (excludes the one-off start: worker processes, imports, model load).
+        if len(done) >= 2 and done[-1][0] > done[0][0]:
+            total["steady_images_per_s"] = sum(n for _, n in done[1:]) / (done[-1][0] - done[0][0])
         self.result = total
 
     def get_name(self) -> str:
