@@ -105,13 +105,19 @@ def _fit_in_process(store: str, stage, rows=None, limit=None) -> dict[str, int]:
     pending = pending_implicit_rows(g, rows, limit)
     ids, uris = ([str(v) for v in np.asarray(g[name][:]).tolist()] for name in ("image_id", "uri"))
     units = implicit_units(pending, ROWS_PER_SHARD, ids, uris)
-    fitter = ImplicitFitter(store, stage)
-    totals = {"pending": len(pending), "units": len(units), "fitted": 0, "failed": 0, "skipped": 0}
-    for unit in units:
-        batch = decode_units({k: np.asarray([v]) for k, v in unit.items()}, _decode_spec(read_attrs(g), None))
-        for k, v in fitter(batch).items():
-            if k in totals:
-                totals[k] += int(v.sum())
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        fitter = ImplicitFitter(store, stage)  # sets the process's torch threads, as it does in its actor
+        totals = {"pending": len(pending), "units": len(units), "fitted": 0, "failed": 0, "skipped": 0}
+        for unit in units:
+            batch = decode_units({k: np.asarray([v]) for k, v in unit.items()}, _decode_spec(read_attrs(g), None))
+            for k, v in fitter(batch).items():
+                if k in totals:
+                    totals[k] += int(v.sum())
+    finally:
+        torch.set_num_threads(threads)
     return totals
 
 
@@ -130,14 +136,23 @@ def test_stage_rows_equal_direct_fit(made):
     assert settings["output_size"] == list(IMPLICIT_SIZE) and settings["seed"] == SEED
     assert g["implicit"].shards[0] == ROWS_PER_SHARD and g["implicit"].chunks[0] == 1
 
+    import torch
+
     backbone = featup_ops.load_backbone(BACKBONE, "random")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actor (0.5 CPU -> 1 thread); tiny tensors spin-wait on a loaded machine
     uris = [str(u) for u in np.asarray(g["uri"][:]).tolist()]
-    for row in (3,):  # one image per call, in another group than the actor fitted it with: same result
-        pixels = decode_image(Path(uris[row]).read_bytes(), size=(INPUT, INPUT), policy="crop", min_side=16).pixels
-        direct = fit_pixels(pixels[None], backbone, cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, seed=SEED)
-        ref = direct[0].numpy()
-        assert np.isfinite(ref).all() and np.abs(ref).mean() > 0
-        np.testing.assert_allclose(feats[row], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    try:
+        for row in (3,):  # one image per call, in another group than the actor fitted it with: same result
+            pixels = decode_image(
+                Path(uris[row]).read_bytes(), size=(INPUT, INPUT), policy="crop", min_side=16
+            ).pixels
+            direct = fit_pixels(pixels[None], backbone, cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, seed=SEED)
+            ref = direct[0].numpy()
+            assert np.isfinite(ref).all() and np.abs(ref).mean() > 0
+            np.testing.assert_allclose(feats[row], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_second_pass_resumes_after_crash(made):
