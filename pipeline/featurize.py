@@ -81,6 +81,10 @@ class FeaturizeConfig:
         storage_options: fsspec options for ``s3://`` input, output, weights and checkpoint.
         progress_interval_s: seconds between progress lines.
         quiet: print nothing.
+        implicit: also fit per-image implicit features (``pipeline.implicit_stage``) in their own actor pool.
+        implicit_size / implicit_gpus / implicit_preset / implicit_actors / implicit_cpus: their ``(H, W)`` (None =
+            the output size), GPUs per actor (None = 1 if the cluster has GPUs, else 0), preset name (or an
+            ``ImplicitConfig``), pool size, CPUs per actor.
     """
 
     input: str
@@ -109,6 +113,12 @@ class FeaturizeConfig:
     storage_options: dict[str, Any] | None = field(default=None, hash=False)
     progress_interval_s: float = 10.0
     quiet: bool = False
+    implicit: bool = False
+    implicit_size: tuple[int, int] | None = None
+    implicit_gpus: float | None = None
+    implicit_preset: str = "fast"
+    implicit_actors: int = 1
+    implicit_cpus: float = 1.0
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -340,6 +350,11 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     spec = replace(spec, pca=attrs.get("pca"))
     del backbone, upsampler
     _say(cfg, plan_sizes(schema, cfg.codec))
+    implicit = None
+    if cfg.implicit:  # its own plan and actors, beside the main plan (pipeline/implicit_stage.py)
+        from pipeline.implicit_stage import start_featurize_implicit
+
+        implicit = start_featurize_implicit(cfg, manifest)
 
     todo = pending_shards(group) if resumed else list(range(schema.num_shards))
     skipped = schema.num_shards - len(todo)
@@ -350,11 +365,12 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     written = _run_plan(cfg, manifest, schema, spec, todo, group, before) if todo else {}
     counts = status_counts(group)
     seconds = time.monotonic() - t_start
+    implicit_counts = implicit.wait() if implicit is not None else None  # after the main plan's timing
     new = counts["complete"] + counts["failed"] - before["complete"] - before["failed"]
     result = {
         "rows": schema.n_rows, **counts, "units_run": len(todo), "units_skipped": skipped,
         "seconds": round(seconds, 2), "images_per_s": round(new / seconds, 3) if seconds > 0 else 0.0,
-        "store": cfg.output, "resumed": resumed,
+        "store": cfg.output, "resumed": resumed, "implicit": implicit_counts,
     }
     if "steady_images_per_s" in written:
         result["steady_images_per_s"] = round(written["steady_images_per_s"], 3)
@@ -449,6 +465,9 @@ def add_featurize_args(parser: Any) -> Any:
     a("--storage-options", type=json.loads, default=None, help='fsspec options as JSON, e.g. \'{"anon": true}\'')
     a("--progress-interval-s", type=float, default=d.progress_interval_s, help="seconds between progress lines")
     a("--quiet", action=argparse.BooleanOptionalAction, default=False, help="print nothing")
+    from pipeline.implicit_stage import add_implicit_args
+
+    add_implicit_args(parser)
     return parser
 
 

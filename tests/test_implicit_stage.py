@@ -1,8 +1,9 @@
 """The implicit stage: rows written through Ray equal direct fits, resume after a crash, bad rows, odd sizes.
 
 One small store (5 sample photos at 32 px, a random ``test_vit`` backbone, 2 rows per shard -> 3 shards) is made
-once per module with the real featurize plan and the implicit plan beside it; the second-pass tests work on copies
-of it. Fits use a tiny ``ImplicitConfig`` (a few views and steps), so the numbers mean nothing, only the plumbing.
+once per module by the featurize job with ``--implicit`` (the implicit plan runs beside the featurize plan); the
+second-pass tests work on copies of it. Fits use a tiny ``ImplicitConfig`` (a few views and steps), so the numbers
+mean nothing, only the plumbing.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ INPUT = 32
 IMPLICIT_SIZE = (20, 28)  # neither the input size nor square
 ROWS_PER_SHARD = 2
 N_IMAGES = 5
-SEED = 7
+SEED = 0  # the featurize job fits with the stage's default seed
 
 
 def _tiny_cfg():
@@ -41,10 +42,8 @@ def _stage(**kw):
 
 @pytest.fixture(scope="module")
 def made(ray_local, samples_dir, tmp_path_factory):
-    """A featurized store with implicit features filled by the implicit plan run beside the featurize plan."""
+    """A store made by the featurize job with ``--implicit``: the implicit plan runs beside the featurize plan."""
     from pipeline.featurize import FeaturizeConfig, run_featurize
-    from pipeline.implicit_stage import start_implicit
-    from pipeline.sources import build_manifest
 
     root = tmp_path_factory.mktemp("implicit")
     images = root / "images"
@@ -52,17 +51,16 @@ def made(ray_local, samples_dir, tmp_path_factory):
     for p in sorted(samples_dir.glob("*.jpg"))[:N_IMAGES]:
         shutil.copy(p, images / p.name)
     store = str(root / "base.zarr")
-    run_featurize(
+    result = run_featurize(
         FeaturizeConfig(
             input=str(images), output=store, backbone=BACKBONE, weights="random", input_size=INPUT,
             rows_per_shard=ROWS_PER_SHARD, dtype="float32", actor_cpus=0.5, batch_size=4, quiet=True,
+            implicit=True, implicit_size=IMPLICIT_SIZE, implicit_preset=_tiny_cfg(), implicit_gpus=0,
+            implicit_cpus=0.5,
         )
     )
-    manifest = build_manifest(str(images))
-    counts = start_implicit(
-        store, _stage(), image_ids=manifest.image_ids, uris=manifest.uris, require_complete=False
-    ).wait()
-    assert counts["fitted"] == N_IMAGES and counts["failed"] == 0
+    assert result["complete"] == N_IMAGES
+    assert result["implicit"] == {"pending": N_IMAGES, "units": 3, "fitted": N_IMAGES, "failed": 0, "skipped": 0}
     return {"root": root, "store": store, "images": images}
 
 
