@@ -216,6 +216,15 @@ def _unwrap(obj: object, uri: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _torch_load_reason(exc: BaseException) -> str:
+    """The informative line of a torch.load failure (torch puts the unpickler's reason after a long preamble)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_weights_file(uri: str, storage_options: Mapping | None = None) -> tuple[dict[str, torch.Tensor], str]:
     """Read a state dict from a local path or fsspec URI.
 
@@ -243,7 +252,7 @@ def read_weights_file(uri: str, storage_options: Mapping | None = None) -> tuple
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _torch_load_reason(exc)
         raise WeightsMismatchError(
             f"weights file {uri!r} is neither safetensors nor a torch file loadable with weights_only=True ({first})"
         ) from None

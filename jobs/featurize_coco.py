@@ -27,6 +27,8 @@ from pipeline.featurize import add_featurize_args, config_from_args, main_from_c
 #: and the fixed joint bilateral upsampler (no checkpoint needed).
 DEMO_INPUT = REPO / "pipeline" / "samples"
 DEMO_OUTPUT = Path("out") / "demo.zarr"
+#: --demo draws PCA pictures of this many rows
+DEMO_PICTURES = 3
 #: --demo's high-res side: 112 px keeps the CPU demo to a few minutes (the fixed bilateral upsampler at 224 px and
 #: 320 channels costs ~4x more); pass --output-size 224 for full resolution.
 DEMO_OUTPUT_SIZE = 112
@@ -42,6 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.demo and (not args.input or not args.output):
         parser.error("--input and --output are required (or use --demo)")
     return args
+
+
+def _demo_pictures(store: str, out_dir: Path = Path("out") / "demo_pictures") -> None:
+    """PCA pictures (image | low-res | high-res, one basis per image) of the demo store's first complete rows."""
+    from pipeline.store import complete_rows, open_store
+    from pipeline.visualize import render_store_rows
+
+    rows = [int(r) for r in complete_rows(open_store(store))[:DEMO_PICTURES]]
+    for path in render_store_rows(store, rows, out_dir):
+        print(f"demo picture: {path.resolve()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = main_from_config(cfg)
     if args.demo and rc == 0:
         print(f"demo store: {Path(cfg.output).resolve()}")
-        # PCA picture of the demo store: added here by pipeline/visualize.py's owner.
+        _demo_pictures(cfg.output)
     return rc
 
 

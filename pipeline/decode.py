@@ -83,21 +83,50 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def _resize(img: Image.Image, size: tuple[int, int], policy: str) -> tuple[np.ndarray, tuple[int, int]]:
-    out_h, out_w = size
-    w, h = img.size
+@dataclass(frozen=True)
+class Geometry:
+    """How an ``(h, w)`` source became the ``size`` input: resize to ``resized`` ``(rh, rw)``, then take the window
+    starting at ``offset`` ``(top, left)`` (crop policy) or paste at (0, 0) and pad (pad policy; ``valid`` is the
+    image's region)."""
+
+    size: tuple[int, int]
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+    valid: tuple[int, int]
+
+
+def resize_geometry(orig_size: tuple[int, int], size: tuple[int, int], policy: str) -> Geometry:
+    """The geometry :func:`decode_image` applies for ``policy``: the one definition, shared with label alignment.
+
+    Args:
+        orig_size: ``(h, w)`` of the source (after EXIF rotation).
+        size: the job's input ``(H, W)``.
+        policy: "crop" or "pad".
+    """
+    out_h, out_w = int(size[0]), int(size[1])
+    h, w = int(orig_size[0]), int(orig_size[1])
     if policy == "crop":
         scale = max(out_h / h, out_w / w)
         rw, rh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-        img = img.resize((rw, rh), RESAMPLE)
-        left, top = (rw - out_w) // 2, (rh - out_h) // 2
-        img = img.crop((left, top, left + out_w, top + out_h))
-        return np.asarray(img, dtype=np.uint8), (out_h, out_w)
-    scale = min(out_h / h, out_w / w)
-    rw, rh = min(out_w, max(1, round(w * scale))), min(out_h, max(1, round(h * scale)))
-    canvas = Image.new("RGB", (out_w, out_h), BACKGROUND)
-    canvas.paste(img.resize((rw, rh), RESAMPLE), (0, 0))
-    return np.asarray(canvas, dtype=np.uint8), (rh, rw)
+        return Geometry((out_h, out_w), (rh, rw), ((rh - out_h) // 2, (rw - out_w) // 2), (out_h, out_w))
+    if policy == "pad":
+        scale = min(out_h / h, out_w / w)
+        rw, rh = min(out_w, max(1, round(w * scale))), min(out_h, max(1, round(h * scale)))
+        return Geometry((out_h, out_w), (rh, rw), (0, 0), (rh, rw))
+    raise ConfigError(f"unknown resize policy {policy!r}; the store should record 'crop' or 'pad'")
+
+
+def _resize(img: Image.Image, size: tuple[int, int], policy: str) -> tuple[np.ndarray, tuple[int, int]]:
+    w, h = img.size
+    g = resize_geometry((h, w), size, policy)
+    (rh, rw), (top, left) = g.resized, g.offset
+    img = img.resize((rw, rh), RESAMPLE)
+    if policy == "crop":
+        img = img.crop((left, top, left + g.size[1], top + g.size[0]))
+        return np.asarray(img, dtype=np.uint8), g.valid
+    canvas = Image.new("RGB", (g.size[1], g.size[0]), BACKGROUND)
+    canvas.paste(img, (0, 0))
+    return np.asarray(canvas, dtype=np.uint8), g.valid
 
 
 def decode_image(

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from pipeline.decode import Geometry, resize_geometry
 from pipeline.errors import ConfigError, InputNotFoundError, PipelineError
 
 __all__ = [
@@ -96,39 +97,6 @@ def _lookup_fine171() -> np.ndarray:
     used = [i for i in range(182) if i not in COCO_STUFF_UNUSED_FINE_IDS]
     table[used] = np.arange(len(used))
     return table
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How an ``(h, w)`` source became the ``size`` input: resize to ``resized`` ``(rh, rw)``, then take the window
-    starting at ``offset`` ``(top, left)`` (crop policy) or paste at (0, 0) and pad (pad policy; ``valid`` is the
-    image's region)."""
-
-    size: tuple[int, int]
-    resized: tuple[int, int]
-    offset: tuple[int, int]
-    valid: tuple[int, int]
-
-
-def resize_geometry(orig_size: tuple[int, int], size: tuple[int, int], policy: str) -> Geometry:
-    """The geometry :func:`pipeline.decode.decode_image` applies for ``policy`` (same rounding, same offsets).
-
-    Args:
-        orig_size: ``(h, w)`` of the source (after EXIF rotation).
-        size: the job's input ``(H, W)``.
-        policy: "crop" or "pad".
-    """
-    out_h, out_w = int(size[0]), int(size[1])
-    h, w = int(orig_size[0]), int(orig_size[1])
-    if policy == "crop":
-        scale = max(out_h / h, out_w / w)
-        rw, rh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
-        return Geometry((out_h, out_w), (rh, rw), ((rh - out_h) // 2, (rw - out_w) // 2), (out_h, out_w))
-    if policy == "pad":
-        scale = min(out_h / h, out_w / w)
-        rw, rh = min(out_w, max(1, round(w * scale))), min(out_h, max(1, round(h * scale)))
-        return Geometry((out_h, out_w), (rh, rw), (0, 0), (rh, rw))
-    raise ConfigError(f"unknown resize policy {policy!r}; the store should record 'crop' or 'pad'")
 
 
 def _nearest_index(n_out: int, n_in: int, start: int, count: int) -> np.ndarray:

@@ -8,7 +8,6 @@ mean nothing, only the plumbing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 

@@ -54,7 +54,9 @@ def nvrtc_compile(code: str, exprs: list[str], arch: str) -> tuple[bool, str]:
         opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
+        # a fresh mutable buffer: NVRTC writes into it, and `b" " * 1` would be CPython's shared one-byte object
+        # (overwriting it corrupted every later b" " in the process, e.g. torch.load's unpickling)
+        log = bytearray(size)
         nvrtc.nvrtcGetProgramLog(prog, log)
         if err != ok:
             return False, log.decode(errors="replace")
