@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, CheckpointNotFoundError
+from .weights import state_dict_mismatches
 
 __all__ = [
     "CONFIG_NAME",
@@ -53,8 +54,6 @@ CONFIG_NAME = "upsampler.json"
 FORMAT = "featup-upsampler"
 #: Bump when the layout of the two files changes incompatibly; loaders refuse newer versions.
 FORMAT_VERSION = 1
-#: Offending keys listed per category in an error message before "... and N more".
-MAX_KEYS_IN_MESSAGE = 8
 
 #: kind -> "module:Class" (imported lazily) or the class itself (after :func:`register_upsampler`).
 UPSAMPLER_KINDS: dict[str, str | type[nn.Module]] = {
@@ -259,29 +258,10 @@ def read_checkpoint_config(path: str | os.PathLike, *, storage_options: Mapping[
     return doc
 
 
-def _listing(keys: list[str]) -> str:
-    more = len(keys) - MAX_KEYS_IN_MESSAGE
-    return ", ".join(keys[:MAX_KEYS_IN_MESSAGE]) + (f" ... and {more} more" if more > 0 else "")
-
-
 def _check_keys(path: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    target = module.state_dict()
-    missing = [k for k in target if k not in tensors]
-    unexpected = [k for k in tensors if k not in target]
-    shapes = [
-        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches (checkpoint vs model): {_listing(shapes)}")
-        raise CheckpointError(f"checkpoint {path!r} does not fit {type(module).__name__}: " + "; ".join(parts))
+    problems = state_dict_mismatches(tensors, module.state_dict(), source="checkpoint")
+    if problems:
+        raise CheckpointError(f"checkpoint {path!r} does not fit {type(module).__name__}: {problems}")
 
 
 def load_upsampler(

@@ -265,6 +265,42 @@ def _listing(keys: list[str]) -> str:
     return shown + (f" ... and {more} more" if more > 0 else "")
 
 
+def state_dict_mismatches(
+    tensors: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    optional: Collection[str] = (),
+) -> str:
+    """Describe how ``tensors`` fails to fit a model's ``target`` state dict ("" when it fits).
+
+    Args:
+        tensors: the tensors to load.
+        target: the model's own ``state_dict()``.
+        source: how to name ``tensors``' side in the shape list (e.g. "file", "checkpoint").
+        optional: keys that may be absent from or present in ``tensors``.
+
+    Returns:
+        "missing keys: ...; unexpected keys: ...; shape mismatches (<source> vs model): ..." (only the parts that
+        apply), or "" when every key and shape matches.
+    """
+    missing = [k for k in target if k not in tensors and k not in optional]
+    unexpected = [k for k in tensors if k not in target and k not in optional]
+    shapes = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in target.items()
+        if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_listing(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches ({source} vs model): {_listing(shapes)}")
+    return "; ".join(parts)
+
+
 def match_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     target: Mapping[str, torch.Tensor],
@@ -291,23 +327,10 @@ def match_state_dict(
         WeightsMismatchError: naming missing keys, unexpected keys and shape mismatches.
     """
     optional = set(optional)
-    missing = [k for k in target if k not in state_dict and k not in optional]
-    unexpected = [k for k in state_dict if k not in target and k not in optional]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches (file vs model): {_listing(shapes)}")
+    problems = state_dict_mismatches(state_dict, target, source="file", optional=optional)
+    if problems:
         raise WeightsMismatchError(
-            f"weights {what} do not fit {owner}: " + "; ".join(parts)
+            f"weights {what} do not fit {owner}: {problems}"
             + " (the file must hold this timm model's state dict)"
         )
     return {k: state_dict[k] for k in target if k in state_dict}
