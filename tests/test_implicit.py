@@ -13,12 +13,8 @@ from featup_ops.errors import InputSizeError
 from featup_ops.implicit import ImplicitUpsampler, fit_implicit, fit_pca
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread: 2 cores shared by many processes, and OpenMP spinning costs ~20x on tiny tensors
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TinyBackbone(nn.Module):

@@ -13,13 +13,8 @@ from featup_ops.errors import CheckpointError, ConfigError, FeatupError, InputSi
 from featup_ops.jbu import JBULayer, JBUUpsampler, plan_stages
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 cores shared by many processes: OpenMP spinning under oversubscription costs ~20x on tiny tensors.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread: 2 cores shared by many processes, and OpenMP spinning costs ~20x on tiny tensors
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(b=2, c=4, grid=(4, 4), size=(32, 32), seed=0):

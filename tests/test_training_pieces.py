@@ -34,12 +34,8 @@ from featup_ops.losses import (
 from featup_ops.multiview import MultiViewObjective, fixed_views, random_projection, reconstruction_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread: 2 cores shared by many processes, and OpenMP spinning costs ~20x on tiny tensors
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class PatchBackbone(nn.Module):
