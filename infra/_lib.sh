@@ -100,6 +100,27 @@ start_detached() {
     echo $! >"$pidfile"
 }
 
+# wait_ready PIDFILE LOG NAME DIED_MSG LATE_MSG CHECK... : run CHECK until it succeeds. If the started process
+# dies first, show its log and die with DIED_MSG; past FEATUP_START_TIMEOUT, show the log, stop it, die with LATE_MSG.
+wait_ready() {
+    local pidfile="$1" log="$2" name="$3" died="$4" late="$5" pid deadline=$((SECONDS + FEATUP_START_TIMEOUT))
+    shift 5
+    pid="$(cat "$pidfile")"
+    until "$@" 2>/dev/null; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$log" >&2
+            rm -f "$pidfile"
+            die "$died"
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            tail -n 30 "$log" >&2
+            stop_session "$pidfile" "$name"
+            die "$late"
+        fi
+        sleep 0.5
+    done
+}
+
 # session_pids SID -> the pids of every process still in session SID.
 session_pids() {
     ps -e -o pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'

@@ -54,27 +54,19 @@ pid="$(cat "$pidfile")"
 info "starting Ray head (pid $pid, log $log) ..."
 
 # Ready when the job API answers an authenticated request; fail fast if `ray start` died.
-deadline=$((SECONDS + FEATUP_START_TIMEOUT))
-until FEATUP_URL="http://127.0.0.1:$FEATUP_DASHBOARD_PORT/api/version" python - 2>/dev/null <<'EOF'
+job_api_answers() {
+    FEATUP_URL="http://127.0.0.1:$FEATUP_DASHBOARD_PORT/api/version" python - <<'EOF'
 import os, pathlib, urllib.request
 token = os.environ.get("RAY_AUTH_TOKEN") or pathlib.Path(
     os.environ.get("RAY_AUTH_TOKEN_PATH") or pathlib.Path.home() / ".ray" / "auth_token").read_text().strip()
 req = urllib.request.Request(os.environ["FEATUP_URL"], headers={"Authorization": f"Bearer {token}"})
 urllib.request.urlopen(req, timeout=2).read()
 EOF
-do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        tail -n 30 "$log" >&2
-        rm -f "$pidfile"
-        die "ray start exited; the log above says why (a port in use? set FEATUP_*_PORT)"
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        tail -n 30 "$log" >&2
-        stop_session "$pidfile" "ray head"
-        die "the job API on 127.0.0.1:$FEATUP_DASHBOARD_PORT did not answer within ${FEATUP_START_TIMEOUT}s"
-    fi
-    sleep 1
-done
+}
+wait_ready "$pidfile" "$log" "ray head" \
+    "ray start exited; the log above says why (a port in use? set FEATUP_*_PORT)" \
+    "the job API on 127.0.0.1:$FEATUP_DASHBOARD_PORT did not answer within ${FEATUP_START_TIMEOUT}s" \
+    job_api_answers
 
 info "Ray head ready: GCS 127.0.0.1:$FEATUP_RAY_PORT, dashboard/job API http://127.0.0.1:$FEATUP_DASHBOARD_PORT (token auth on)"
 info "add a node: FEATUP_RAY_PORT=$FEATUP_RAY_PORT infra/start_ray_worker.sh; stop all: infra/stop_ray.sh"

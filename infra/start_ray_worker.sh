@@ -48,19 +48,9 @@ start_detached "$pidfile" "$log" \
 pid="$(cat "$pidfile")"
 info "starting Ray node '$FEATUP_WORKER_NAME' (pid $pid, log $log) ..."
 
-deadline=$((SECONDS + FEATUP_START_TIMEOUT))
-until grep -q "Ray runtime started" "$log" 2>/dev/null; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        tail -n 30 "$log" >&2
-        rm -f "$pidfile"
-        die "ray start exited; the log above says why (is the head running on 127.0.0.1:$FEATUP_RAY_PORT?)"
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        tail -n 30 "$log" >&2
-        stop_session "$pidfile" "ray node $FEATUP_WORKER_NAME"
-        die "the node did not join within ${FEATUP_START_TIMEOUT}s"
-    fi
-    sleep 1
-done
+wait_ready "$pidfile" "$log" "ray node $FEATUP_WORKER_NAME" \
+    "ray start exited; the log above says why (is the head running on 127.0.0.1:$FEATUP_RAY_PORT?)" \
+    "the node did not join within ${FEATUP_START_TIMEOUT}s" \
+    grep -q "Ray runtime started" "$log"
 info "Ray node '$FEATUP_WORKER_NAME' joined 127.0.0.1:$FEATUP_RAY_PORT${FEATUP_WORKER_RESOURCES:+ with resources $FEATUP_WORKER_RESOURCES}"
 echo "$pid"

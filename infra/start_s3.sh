@@ -30,19 +30,10 @@ info "starting moto S3 server (pid $pid, log $log) ..."
 
 export AWS_ENDPOINT_URL="$endpoint" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
 export AWS_DEFAULT_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-deadline=$((SECONDS + FEATUP_START_TIMEOUT))
-until curl -fsS -o /dev/null --max-time 2 --noproxy 127.0.0.1 "$endpoint/" 2>/dev/null; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        tail -n 20 "$log" >&2
-        rm -f "$pidfile"
-        die "moto_server exited; the log above says why (port $FEATUP_S3_PORT in use? set FEATUP_S3_PORT)"
-    fi
-    if [ "$SECONDS" -ge "$deadline" ]; then
-        stop_session "$pidfile" "moto"
-        die "the S3 server on $endpoint did not answer within ${FEATUP_START_TIMEOUT}s"
-    fi
-    sleep 0.5
-done
+wait_ready "$pidfile" "$log" "moto" \
+    "moto_server exited; the log above says why (port $FEATUP_S3_PORT in use? set FEATUP_S3_PORT)" \
+    "the S3 server on $endpoint did not answer within ${FEATUP_START_TIMEOUT}s" \
+    curl -fsS -o /dev/null --max-time 2 --noproxy 127.0.0.1 "$endpoint/"
 
 if [ $# -gt 0 ]; then
     python - "$@" <<'PY'
