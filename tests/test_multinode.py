@@ -121,6 +121,14 @@ class LocalCluster:
         except (urllib.error.URLError, KeyError):  # pragma: no cover - diagnostics only
             return "<no logs>"
 
+    def wait_job(self, submission_id: str, timeout_s: float) -> tuple[str, str]:
+        """Poll until the job leaves PENDING/RUNNING (failing the test after ``timeout_s``); returns (status, logs)."""
+        deadline = time.monotonic() + timeout_s
+        while (job := self.job_status(submission_id)) in ("PENDING", "RUNNING"):
+            assert time.monotonic() < deadline, f"job still {job}:\n{self.job_logs(submission_id)[-4000:]}"
+            time.sleep(1)
+        return job, self.job_logs(submission_id)
+
     def state(self, resource: str) -> list[dict[str, Any]]:
         """Ray's state API (``ray list tasks/actors/nodes``) over the dashboard."""
         data = self.api(f"/api/v0/{resource}?limit=10000&detail=1")
@@ -209,11 +217,7 @@ def test_featurize_job_on_two_nodes_survives_losing_the_gpu_node(
         cluster.add_node("gpu2", "--num-cpus=1", "--num-gpus=1", "--object-store-memory=100000000")
 
         mark("gpu2 up")
-        deadline = time.monotonic() + 150
-        while (job := cluster.job_status(sid)) in ("PENDING", "RUNNING"):
-            assert time.monotonic() < deadline, f"job still {job}:\n{cluster.job_logs(sid)[-4000:]}"
-            time.sleep(1)
-        logs = cluster.job_logs(sid)
+        job, logs = cluster.wait_job(sid, 150)
         mark(f"job {job}")
         assert job == "SUCCEEDED", logs[-4000:]
         counts = json.loads([line for line in logs.splitlines() if line.startswith('{"rows"')][-1])
@@ -290,11 +294,7 @@ def test_two_worker_training_across_two_nodes_survives_losing_one(cluster_root: 
         mark("first checkpoint; killed w1")
         cluster.add_node("w2", "--num-cpus=2", "--object-store-memory=100000000")
         mark("w2 up")
-        deadline = time.monotonic() + 300
-        while (job := cluster.job_status(sid)) in ("PENDING", "RUNNING"):
-            assert time.monotonic() < deadline, f"job still {job}:\n{cluster.job_logs(sid)[-4000:]}"
-            time.sleep(1)
-        logs = cluster.job_logs(sid)
+        job, logs = cluster.wait_job(sid, 300)
         mark(f"job {job}")
         assert job == "SUCCEEDED", logs[-4000:]
         assert "train_upsampler: step 6;" in logs, logs[-3000:]
