@@ -52,3 +52,28 @@ template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float f) {
 #define FEATUP_CPT 4
 // Largest tap count per side the kernels support (grad_filter keeps one accumulator per tap of a row).
 #define FEATUP_MAX_K 15
+
+// The JBU window sum of one output pixel for up to FEATUP_CPT channels, accumulated in float32 and stored as T:
+//   op[cc * out_plane] = sum_{i,j<K} wk[i*K + j] * xp[cc * in_plane + i*Wp + j]   for cc < nc
+// xp points at the window's top-left input element of the first channel, wk at the pixel's K*K weights (T in
+// global memory for adaptive_conv_forward, float in shared memory for jbu_fused_forward).
+template <typename T, typename WT>
+__device__ __forceinline__ void window_sum_store(const T* __restrict__ xp, const WT* __restrict__ wk,
+                                                 T* __restrict__ op, long long in_plane, long long out_plane,
+                                                 int Wp, int K, int nc) {
+    float acc[FEATUP_CPT];
+#pragma unroll
+    for (int cc = 0; cc < FEATUP_CPT; ++cc) acc[cc] = 0.f;
+    for (int i = 0; i < K; ++i) {
+        for (int j = 0; j < K; ++j) {
+            const float wv = to_float(wk[i * K + j]);
+            const long long off = (long long)i * Wp + j;
+#pragma unroll
+            for (int cc = 0; cc < FEATUP_CPT; ++cc)
+                if (cc < nc) acc[cc] += wv * to_float(xp[cc * in_plane + off]);
+        }
+    }
+#pragma unroll
+    for (int cc = 0; cc < FEATUP_CPT; ++cc)
+        if (cc < nc) op[cc * out_plane] = from_float<T>(acc[cc]);
+}

@@ -72,22 +72,8 @@ __global__ void jbu_fused_forward(const T* __restrict__ x, const T* __restrict__
         for (int c0 = cstart; c0 < cend; c0 += FEATUP_CPT) {
             const int nc = min(FEATUP_CPT, cend - c0);
             const T* xp = x + ((long long)b * C + c0) * in_plane + (long long)oy * Wp + ox;
-            float acc[FEATUP_CPT];
-#pragma unroll
-            for (int cc = 0; cc < FEATUP_CPT; ++cc) acc[cc] = 0.f;
-            for (int i = 0; i < K; ++i) {
-                for (int j = 0; j < K; ++j) {
-                    const float wv = wsh[i * K + j];
-                    const long long off = (long long)i * Wp + j;
-#pragma unroll
-                    for (int cc = 0; cc < FEATUP_CPT; ++cc)
-                        if (cc < nc) acc[cc] += wv * to_float(xp[cc * in_plane + off]);
-                }
-            }
             T* op = out + ((long long)b * C + c0) * out_plane + (long long)oy * W + ox;
-#pragma unroll
-            for (int cc = 0; cc < FEATUP_CPT; ++cc)
-                if (cc < nc) op[cc * out_plane] = from_float<T>(acc[cc]);
+            window_sum_store(xp, wsh, op, in_plane, out_plane, Wp, K, nc);
         }
     }
 }
