@@ -73,8 +73,13 @@ class JBUConfig(_ConfigMixin):
             reached by planning stages (each 2x, the last one straight to the exact size); extra stages reuse
             layers (see ``JBUUpsampler``).
         fixup: FeatUp's kernel "fix-up" MLP (code only, not in the paper): W <- W + fixup_scale * MLP([W, G]).
-            Off by default: it makes the kernel non-normalised and rules out the fused kernel.
+            Off in this layer default (it makes the kernel non-normalised and rules out the fused kernel); on in
+            :class:`TrainConfig`, as in FeatUp's released training code: it lets the kernel sharpen, which the
+            multi-view error needs (measured in docs/training.md: held-out error 1.04 -> 0.90 of bilinear's).
         fixup_scale / fixup_dropout: its residual scale and dropout.
+        fixup_zero_init: start the fix-up MLP's last conv at zero, so an untrained layer equals the plain JBU
+            (FeatUp: PyTorch's default init, which adds a random perturbation to every kernel; measured in
+            docs/training.md, that start is worse than bilinear and some seeds diverge at lr 1e-2).
         final_mix: FeatUp's final residual channel mix y = x + final_residual * Conv1x1(Dropout2d(x)); needs
             ``dim`` and makes the upsampler backbone-specific. Off in the feature-agnostic default.
         final_residual / final_dropout: its residual scale and dropout.
@@ -94,6 +99,7 @@ class JBUConfig(_ConfigMixin):
     fixup: bool = False
     fixup_scale: float = 0.1
     fixup_dropout: float = 0.1
+    fixup_zero_init: bool = True
     final_mix: bool = False
     final_residual: float = 0.1
     final_dropout: float = 0.2
@@ -205,7 +211,8 @@ class TrainConfig(_ConfigMixin):
         grad_clip_steps / grad_clip_norm: clip the gradient norm to grad_clip_norm for the first steps.
         image_size: training crop (Resize + CenterCrop).
         val_every / ckpt_every: validation and checkpoint interval in steps.
-        jbu / jitter / loss / downsampler: the nested configs.
+        jbu / jitter / loss / downsampler: the nested configs; ``jbu`` has FeatUp's kernel fix-up on (its code's
+            trained upsamplers have it).
     """
 
     batch_size: int = 4
@@ -218,7 +225,7 @@ class TrainConfig(_ConfigMixin):
     image_size: int = 224
     val_every: int = 100
     ckpt_every: int = 100
-    jbu: JBUConfig = field(default_factory=JBUConfig)
+    jbu: JBUConfig = field(default_factory=lambda: JBUConfig(fixup=True))
     jitter: JitterConfig = field(default_factory=JitterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     downsampler: DownsamplerConfig = field(default_factory=DownsamplerConfig)

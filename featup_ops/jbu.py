@@ -65,11 +65,15 @@ class JBULayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Convs: PyTorch's default init; t = log_temperature_init; sigma = sigma_init."""
+        """Convs: PyTorch's default init (the fix-up's last conv zero with ``fixup_zero_init``);
+        t = log_temperature_init; sigma = sigma_init."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.reset_parameters()
         with torch.no_grad():
+            if self.fixup is not None and self.cfg.fixup_zero_init:
+                nn.init.zeros_(self.fixup[-1].weight)
+                nn.init.zeros_(self.fixup[-1].bias)
             self.log_temperature.fill_(self.cfg.log_temperature_init)
             self.sigma.fill_(self.cfg.sigma_init)
 

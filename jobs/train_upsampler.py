@@ -13,6 +13,7 @@ Defaults are the method's (FeatUp's jbu_upsampler.yaml: batch 4, NAdam 1e-3, 5 j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backbone weights: default/timm/packaged/random or a local or s3:// file")
     model.add_argument("--feature-agnostic", action=argparse.BooleanOptionalAction, default=True,
                        help="upsampler without the final channel mix, usable with any backbone (default on)")
+    model.add_argument("--fixup", action=argparse.BooleanOptionalAction, default=_M.jbu.fixup,
+                       help="FeatUp's kernel fix-up MLP in every JBU layer (default on, as FeatUp's code trains it; "
+                       "off = normalised kernels only, which the fused inference kernel can run)")
     opt = p.add_argument_group("optimisation (defaults: the method's)")
     opt.add_argument("--steps", type=int, default=_M.steps, help=f"optimizer steps (default {_M.steps})")
     opt.add_argument("--batch-size", type=int, default=_M.batch_size,
@@ -105,6 +109,7 @@ def config_from_args(args: argparse.Namespace):  # -> pipeline.train.TrainJobCon
         val_every=args.val_every, log_every=args.log_every, keep_checkpoints=args.keep_checkpoints,
         workers=args.workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker, decode_cpus=args.decode_cpus,
         max_failures=args.max_failures, storage_options=args.storage_options,
+        jbu=dataclasses.replace(_M.jbu, fixup=args.fixup),
     )  # fmt: skip
 
 

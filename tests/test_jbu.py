@@ -63,7 +63,9 @@ def test_stride14_full_size():
     assert out.shape == (1, 2, 224, 224)
 
 
-@pytest.mark.parametrize("cfg,dim", [(JBUConfig(), None), (JBUConfig(fixup=True, final_mix=True), 4)])
+@pytest.mark.parametrize(
+    "cfg,dim", [(JBUConfig(), None), (JBUConfig(fixup=True, final_mix=True, fixup_zero_init=False), 4)]
+)
 def test_gradients_reach_every_parameter(cfg, dim):
     feats, image = _inputs(grid=(2, 2), size=(32, 32))  # 4 stages: every layer runs
     up = JBUUpsampler(dim, cfg=cfg)
@@ -92,6 +94,25 @@ def test_every_tap_gets_gradient_explicit_and_fused():
     out = kernels.jbu_fused(src, keys, temp, spatial)
     (out * torch.randn(out.shape, generator=g)).sum().backward()
     assert (spatial.grad.abs() > 0).all() and temp.grad.abs() > 0
+
+
+def test_zero_init_fixup_starts_as_the_plain_layer_and_learns():
+    torch.manual_seed(3)
+    fixup = JBULayer(cfg=JBUConfig(fixup=True)).eval()
+    plain = JBULayer().eval()
+    plain.load_state_dict({k: v for k, v in fixup.state_dict().items() if not k.startswith("fixup.")})
+    feats, image = _inputs(grid=(5, 6), size=(10, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(fixup(feats, image), plain(feats, image), atol=1e-5, rtol=0)
+    # the zero conv still gets gradient, so training moves the kernels away from the plain JBU
+    out = fixup(feats, image)
+    (out * torch.randn_like(out)).sum().backward()
+    assert fixup.fixup[-1].weight.grad.abs().sum() > 0 and fixup.fixup[-1].bias.grad.abs().sum() > 0
+    # FeatUp's own init perturbs every kernel from the start
+    torch.manual_seed(3)
+    featup = JBULayer(cfg=JBUConfig(fixup=True, fixup_zero_init=False)).eval()
+    with torch.no_grad():
+        assert (featup(feats, image) - plain(feats, image)).abs().max() > 1e-3
 
 
 def test_fused_equals_explicit_weights():

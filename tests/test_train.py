@@ -92,6 +92,9 @@ def test_job_flags_map_onto_config_fields():
     assert cfg.use_gpu and cfg.val_images == 1
     defaults = config_from_args(build_parser().parse_args(["--input", "in", "--output", "out"]))
     assert defaults == TrainJobConfig(input="in", output="out")
+    assert defaults.jbu.fixup and defaults.jbu.fixup_zero_init  # FeatUp's code trains with the kernel fix-up
+    plain = config_from_args(build_parser().parse_args(["--input", "in", "--output", "out", "--no-fixup"]))
+    assert not plain.jbu.fixup and plain.jbu == dataclasses.replace(defaults.jbu, fixup=False)
 
 
 # ---------------------------------------------------------------------------------------------- through Ray
