@@ -6,19 +6,13 @@ starts, so Ray workers inherit them and s3fs finds the server through ``AWS_ENDP
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from _local_infra import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "pipeline" / "samples"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -27,7 +21,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    port = _free_port()
+    port = free_port()
     os.environ["FEATUP_TEST_S3_PORT"] = str(port)
     os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
     os.environ["AWS_ACCESS_KEY_ID"] = "testing"

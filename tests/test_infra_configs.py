@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import tomllib
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from _local_infra import free_port, script_env, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -315,17 +315,6 @@ def test_local_scripts_bind_loopback_and_never_stop_other_rays() -> None:
         assert os.access(INFRA / name, os.X_OK), f"{name} is not executable"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> set[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
-
-
 def _listening(pids: set[int]) -> list[tuple[str, int, int]]:
     """(host, port, pid) of every TCP/UDP socket the given processes listen on, from `ss -ltunpH`."""
     out = subprocess.run(["ss", "-ltunpH"], capture_output=True, text=True, check=True).stdout
@@ -360,23 +349,7 @@ def short_tmp():
 
 
 def _script_env(tmp_path: Path) -> dict[str, str]:
-    token = tmp_path / "auth_token"
-    if not token.exists():
-        token.write_text(os.urandom(32).hex())
-        token.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH"))}
-    env.update(
-        FEATUP_RAY_DIR=str(tmp_path / "ray"),
-        FEATUP_S3_DIR=str(tmp_path / "s3"),
-        FEATUP_RAY_PORT=str(_free_port()),
-        FEATUP_DASHBOARD_PORT=str(_free_port()),
-        FEATUP_RAY_CLIENT_PORT=str(_free_port()),
-        FEATUP_DASHBOARD_AGENT_PORT=str(_free_port()),
-        DASHBOARD_METRIC_PORT=str(_free_port()),     # Ray's fixed defaults (44227/44217) would collide with
-        AUTOSCALER_METRIC_PORT=str(_free_port()),    # any other head on this machine
-        RAY_AUTH_TOKEN_PATH=str(token),
-    )
-    return env
+    return dict(script_env(tmp_path), FEATUP_S3_DIR=str(tmp_path / "s3"))
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list listening sockets")
@@ -395,7 +368,7 @@ def test_local_head_script_listens_on_loopback_only_and_requires_the_token(short
         assert exports == {"RAY_API_SERVER_ADDRESS": dashboard, "RAY_AUTH_MODE": "token",
                            "RAY_AUTH_TOKEN_PATH": env["RAY_AUTH_TOKEN_PATH"]}
         sid = int((tmp_path / "ray" / "head.pid").read_text())
-        sockets = _listening(_session_pids(sid))
+        sockets = _listening(session_pids(sid))
         ports = {port for _, port, _ in sockets}
         assert {int(env["FEATUP_RAY_PORT"]), int(env["FEATUP_DASHBOARD_PORT"])} <= ports, sockets
         public = [s for s in sockets if s[0] not in LOOPBACK_HOSTS]
@@ -411,14 +384,14 @@ def test_local_head_script_listens_on_loopback_only_and_requires_the_token(short
     finally:
         stop = subprocess.run([str(INFRA / "stop_ray.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
-    assert not _session_pids(sid), "processes of the head survived stop_ray.sh"
+    assert not session_pids(sid), "processes of the head survived stop_ray.sh"
     assert not (tmp_path / "ray" / "head.pid").exists()
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list listening sockets")
 def test_local_s3_script_serves_on_loopback_and_stops(tmp_path: Path) -> None:
     env = _script_env(tmp_path)
-    env["FEATUP_S3_PORT"] = str(_free_port())
+    env["FEATUP_S3_PORT"] = str(free_port())
     try:
         run = subprocess.run([str(INFRA / "start_s3.sh"), "featup-test"], env=env, capture_output=True, text=True,
                              timeout=60)
@@ -427,7 +400,7 @@ def test_local_s3_script_serves_on_loopback_and_stops(tmp_path: Path) -> None:
         endpoint = f"http://127.0.0.1:{env['FEATUP_S3_PORT']}"
         assert exports["AWS_ENDPOINT_URL"] == endpoint and exports["AWS_EC2_METADATA_DISABLED"] == "true"
         sid = int((tmp_path / "s3" / "moto.pid").read_text())
-        sockets = _listening(_session_pids(sid))
+        sockets = _listening(session_pids(sid))
         assert [(h, p) for h, p, _ in sockets] == [("127.0.0.1", int(env["FEATUP_S3_PORT"]))], sockets
         # The bucket the script was asked for exists on that server.
         with urllib.request.urlopen(endpoint + "/", timeout=10) as r:
@@ -435,4 +408,4 @@ def test_local_s3_script_serves_on_loopback_and_stops(tmp_path: Path) -> None:
     finally:
         stop = subprocess.run([str(INFRA / "stop_s3.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0, stop.stderr
-    assert not _session_pids(sid)
+    assert not session_pids(sid)

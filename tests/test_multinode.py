@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _local_infra import free_port, script_env, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -35,37 +35,14 @@ N_IMAGES = 16
 JOB_ARGS = ["--input-size", "64", "--rows-per-shard", "1", "--batch-size", "1", "--decode-cpus", "0.25"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_pids(sid: int) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid]
-
-
 class LocalCluster:
     """Head + worker nodes started by infra/ scripts in a private state dir; everything is stopped by :meth:`stop`."""
 
     def __init__(self, root: Path) -> None:
-        token = root / "auth_token"
-        token.write_text(os.urandom(32).hex())
-        token.chmod(0o600)
         self.root = root
-        self.token = token.read_text()
-        inherited = ("RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH")  # never point the scripts at another cluster
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+        self.env = script_env(root)
+        self.token = Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text()
         self.env.update(
-            FEATUP_RAY_DIR=str(root / "ray"),
-            FEATUP_RAY_PORT=str(_free_port()),
-            FEATUP_DASHBOARD_PORT=str(_free_port()),
-            FEATUP_RAY_CLIENT_PORT=str(_free_port()),
-            FEATUP_DASHBOARD_AGENT_PORT=str(_free_port()),
-            DASHBOARD_METRIC_PORT=str(_free_port()),
-            AUTOSCALER_METRIC_PORT=str(_free_port()),
-            RAY_AUTH_TOKEN_PATH=str(token),
             HF_HUB_OFFLINE="1",
             RAY_DEDUP_LOGS="0",
             # Notice a dead node in ~3 s instead of Ray's default ~15-30 s.
@@ -84,7 +61,7 @@ class LocalCluster:
         self._run([str(INFRA / "start_ray_head.sh"), *args])
 
     def add_node(self, name: str, *args: str) -> int:
-        env = dict(self.env, FEATUP_WORKER_NAME=name, FEATUP_DASHBOARD_AGENT_PORT=str(_free_port()))
+        env = dict(self.env, FEATUP_WORKER_NAME=name, FEATUP_DASHBOARD_AGENT_PORT=str(free_port()))
         self._run([str(INFRA / "start_ray_worker.sh"), *args], env=env)
         return int((self.root / "ray" / f"worker-{name}.pid").read_text())
 
@@ -92,7 +69,7 @@ class LocalCluster:
         """Crash a node: SIGKILL every process of its session (raylet, workers, agents) at once."""
         pidfile = self.root / "ray" / f"worker-{name}.pid"
         sid = int(pidfile.read_text())
-        for pid in _session_pids(sid):
+        for pid in session_pids(sid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
