@@ -39,12 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from featup_ops.jitter import apply_jitter, sample_jitter
     from featup_ops.multiview import fixed_views, reconstruction_error
     from pipeline.decode import decode_image, normalize
-    from pipeline.train import VAL_SEED, VAL_VIEWS, TrainJobConfig
+    from featup_ops.config import TrainConfig
+    from pipeline.train import VAL_SEED, VAL_VIEWS
 
     torch.manual_seed(0)
     backbone = featup_ops.load_backbone("efficientnet_lite0").eval().requires_grad_(False)
     size = (args.size, args.size)
-    jitter_cfg = TrainJobConfig(input=".", output=".").jitter
+    jitter_cfg = TrainConfig().jitter  # the training views' ranges
     views = fixed_views(VAL_VIEWS, size, jitter_cfg, seed=VAL_SEED)
     bank = sample_jitter(args.bank, size, jitter_cfg, generator=torch.Generator().manual_seed(VAL_SEED + 1))
     down = BlurDownsampler(backbone.stride)
