@@ -87,7 +87,7 @@ pid_alive() {
     [ -f "$pidfile" ] || return 1
     pid="$(cat "$pidfile")"
     [ -n "$pid" ] || return 1
-    sid="$(ps -o sid= -p "$pid" 2>/dev/null | tr -d ' ')"
+    sid="$(ps -o sid=,stat= -p "$pid" 2>/dev/null | awk '$2 !~ /^Z/ { print $1 }')"
     [ "$sid" = "$pid" ] || return 1
     echo "$pid"
 }
@@ -121,9 +121,10 @@ wait_ready() {
     done
 }
 
-# session_pids SID -> the pids of every process still in session SID.
+# session_pids SID -> the pids of every live process of session SID. Zombies are left out: they are dead already, and
+# where PID 1 reaps orphans only now and then (containers, micro-VMs) they linger in `ps` for seconds.
 session_pids() {
-    ps -e -o pid=,sid= | awk -v sid="$1" '$2 == sid { print $1 }'
+    ps -e -o pid=,sid=,stat= | awk -v sid="$1" '$2 == sid && $3 !~ /^Z/ { print $1 }'
 }
 
 # stop_session PIDFILE NAME : SIGTERM the session leader the pidfile names, wait, then SIGKILL what is left of it.
@@ -150,7 +151,15 @@ stop_session() {
     done
     pids="$(session_pids "$sid")"
     if [ -n "$pids" ]; then
-        kill -KILL $pids 2>/dev/null || true
+        # Again until none is left: a process may fork between `ps` and `kill`, and SIGKILL takes effect a moment later.
+        waited=0
+        while [ -n "$pids" ] && [ "$waited" -lt 50 ]; do
+            kill -KILL $pids 2>/dev/null || true
+            sleep 0.1
+            pids="$(session_pids "$sid")"
+            waited=$((waited + 1))
+        done
+        [ -z "$pids" ] || die "$name: processes $pids of session $sid survived SIGKILL; check them with: ps -o pid,stat,cmd -p $(echo $pids | tr " " ,)"
         info "$name: killed what was left after ${FEATUP_STOP_TIMEOUT}s"
     fi
     rm -f "$pidfile"

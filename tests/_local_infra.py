@@ -19,9 +19,11 @@ def free_port() -> int:
 
 
 def session_pids(sid: int) -> set[int]:
-    """Pids of every live process of session ``sid`` (the scripts start each node in its own session)."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return {int(p) for p, s in (line.split() for line in out.splitlines()) if int(s) == sid}
+    """Pids of every live process of session ``sid`` (the scripts start each node in its own session). Zombies are
+    left out: they are dead, and where PID 1 reaps orphans only now and then they stay listed for seconds."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
+    rows = (line.split() for line in out.splitlines())
+    return {int(p) for p, s, stat in rows if int(s) == sid and not stat.startswith("Z")}
 
 
 def script_env(root: Path) -> dict[str, str]:

@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import tomllib
 import urllib.error
@@ -350,6 +351,47 @@ def short_tmp():
 
 def _script_env(tmp_path: Path) -> dict[str, str]:
     return dict(script_env(tmp_path), FEATUP_S3_DIR=str(tmp_path / "s3"))
+
+
+def test_stop_session_ignores_dead_children_nobody_reaped(tmp_path: Path) -> None:
+    """A process that died but is not yet reaped (a zombie; PID 1 of a container or micro-VM may reap orphans only now
+    and then) is not a survivor: listing it made stop_session wait out its timeout and the head test fail in CI."""
+    leader = ("import subprocess, sys, time; child = subprocess.Popen(['true']); "
+              "print(child.pid, flush=True); time.sleep(60)")
+    script = f"""
+        source {shlex.quote(str(INFRA / "_lib.sh"))}
+        start_detached {tmp_path}/p.pid {tmp_path}/p.log {shlex.quote(sys.executable)} -c {shlex.quote(leader)}
+        sid=$(cat {tmp_path}/p.pid)
+        until [ -s {tmp_path}/p.log ] && ps -o stat= -p "$(cat {tmp_path}/p.log)" | grep -q Z; do sleep 0.1; done
+        echo "sid $sid"
+        echo "live $(session_pids "$sid" | tr '\\n' ' ')"
+        stop_session {tmp_path}/p.pid test-session
+        echo "after $(session_pids "$sid" | tr '\\n' ' ')"
+    """
+    env = dict(os.environ, FEATUP_RAY_DIR=str(tmp_path), FEATUP_STOP_TIMEOUT="30")
+    run = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in run.stdout.splitlines()}
+    sid, zombie = int(lines["sid"][0]), int((tmp_path / "p.log").read_text())
+    assert lines["live"] == [str(sid)], run.stdout  # the leader, not its dead child
+    assert lines["after"] == [], run.stdout
+    assert "test-session: stopped" in run.stderr and "killed what was left" not in run.stderr, run.stderr
+    assert zombie != sid
+
+
+def test_session_pids_helper_leaves_out_zombies() -> None:
+    """The tests' own session_pids (tests/_local_infra.py) agrees with the scripts' one on unreaped children."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, time; c = subprocess.Popen(['true']); print(c.pid, flush=True); "
+         "time.sleep(60)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        zombie = int(leader.stdout.readline())
+        while subprocess.run(["ps", "-o", "stat=", "-p", str(zombie)], capture_output=True, text=True).stdout[:1] != "Z":
+            pass
+        assert session_pids(leader.pid) == {leader.pid}
+    finally:
+        leader.kill()
+        leader.wait()
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list listening sockets")
