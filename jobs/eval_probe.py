@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python jobs/eval_probe.py` without installing the package
     sys.path.insert(0, str(REPO))
 
+from pipeline.cli import run_job  # noqa: E402
 from pipeline.labels import LabelSource  # noqa: E402
 from pipeline.probe import ProbeConfig, ProbeRun, run_probe, split_ids, summarize  # noqa: E402
 
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any Ray process starts
     args = parse_args(argv)
+    return run_job("eval_probe", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     runs = build_runs(args)
     print(f"{len(runs)} probe runs; {len(runs[0].train_ids)} train / {len(runs[0].val_ids)} val images", flush=True)
     results = execute(runs, args.ray)

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python jobs/featurize.py` without installing the package
     sys.path.insert(0, str(REPO))
 
+from pipeline.cli import run_job  # noqa: E402
 from pipeline.featurize import add_featurize_args, config_from_args, main_from_config  # noqa: E402
 
 
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any Ray process starts
-    cfg = config_from_args(args)
-    return main_from_config(cfg)
+    return run_job("featurize", lambda: main_from_config(config_from_args(args)))
 
 
 if __name__ == "__main__":

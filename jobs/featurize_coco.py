@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python jobs/featurize_coco.py` without installing the package
     sys.path.insert(0, str(REPO))
 
+from pipeline.cli import run_job  # noqa: E402
 from pipeline.featurize import add_featurize_args, config_from_args, main_from_config  # noqa: E402
 
 #: --demo: the photos shipped in pipeline/samples/, a local store, the real packaged EfficientNet-Lite0 weights
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any Ray process starts
+    return run_job("featurize_coco", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.demo:
         cfg = config_from_args(
             args,

@@ -41,35 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from featup_ops.errors import FeatupError
+    from pipeline.cli import run_job
+
+    return run_job("fit_implicit", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline.featurize import init_ray
-    from pipeline.errors import PipelineError
     from pipeline.implicit_stage import FitImplicitConfig, ImplicitStageConfig, default_implicit_gpus, run_fit_implicit
 
-    try:
-        init_ray()
-        stage = ImplicitStageConfig(
-            preset=args.preset,
-            output_size=tuple(args.implicit_size) if args.implicit_size else None,
-            gpus=args.implicit_gpus if args.implicit_gpus is not None else default_implicit_gpus(),
-            actors=args.implicit_actors,
-            cpus_per_actor=args.implicit_cpus,
-            seed=args.seed,
-            images_per_fit=args.images_per_fit,
+    init_ray()
+    stage = ImplicitStageConfig(
+        preset=args.preset,
+        output_size=tuple(args.implicit_size) if args.implicit_size else None,
+        gpus=args.implicit_gpus if args.implicit_gpus is not None else default_implicit_gpus(),
+        actors=args.implicit_actors,
+        cpus_per_actor=args.implicit_cpus,
+        seed=args.seed,
+        images_per_fit=args.images_per_fit,
+    )
+    counts = run_fit_implicit(
+        FitImplicitConfig(
+            store=args.store,
+            stage=stage,
+            rows=tuple(args.rows) if args.rows else None,
+            limit=args.limit,
+            weights=args.weights,
+            quiet=args.quiet,
         )
-        counts = run_fit_implicit(
-            FitImplicitConfig(
-                store=args.store,
-                stage=stage,
-                rows=tuple(args.rows) if args.rows else None,
-                limit=args.limit,
-                weights=args.weights,
-                quiet=args.quiet,
-            )
-        )
-    except (PipelineError, FeatupError) as exc:
-        print(f"fit_implicit: {exc}", file=sys.stderr)
-        return 2
+    )
     print(
         f"fit_implicit: done: {counts['fitted']} fitted, {counts['failed']} failed, {counts['skipped']} already set "
         f"({counts['pending']} pending at start, {counts['units']} shard units)"

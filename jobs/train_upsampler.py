@@ -115,20 +115,19 @@ def config_from_args(args: argparse.Namespace):  # -> pipeline.train.TrainJobCon
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from featup_ops.errors import FeatupError
-    from pipeline.errors import PipelineError
+    from pipeline.cli import run_job
 
-    try:
-        cfg = config_from_args(args)
-        import ray
+    return run_job("train_upsampler", lambda: _run(args))
 
-        from pipeline.train import run_training
 
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
-        out = run_training(cfg)
-    except (PipelineError, FeatupError) as exc:
-        print(f"train_upsampler: {exc}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    import ray
+
+    from pipeline.train import run_training
+
+    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
+    out = run_training(cfg)
     print(f"train_upsampler: step {out['step']}; upsampler -> {out['upsampler']}; metrics -> {out['metrics_csv']}")
     print(json.dumps({k: v for k, v in out["metrics"].items() if isinstance(v, (int, float, str))}, sort_keys=True))
     return 0

@@ -39,6 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_args(argv)
+    from pipeline.cli import run_job
+
+    return run_job("visualize", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     from pipeline.visualize import render_image, render_store_rows
 
     if args.store:

@@ -216,7 +216,9 @@ def normalize(
     """
     import torch
 
-    x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
+    # Arrays from Ray's object store are read-only; torch warns on those, so copy them (uint8: cheap beside the
+    # float conversion that follows).
+    x = torch.as_tensor(np.require(pixels, requirements="CW") if isinstance(pixels, np.ndarray) else pixels)
     x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -11,6 +11,7 @@ __all__ = [
     "StoreError",
     "DecodeError",
     "ConfigError",
+    "StorageAccessError",
 ]
 
 
@@ -28,6 +29,11 @@ class StoreMismatchError(PipelineError, ValueError):
 
 class StoreError(PipelineError, ValueError):
     """A feature store is malformed (missing arrays or attributes, unknown format version)."""
+
+
+class StorageAccessError(PipelineError, OSError):
+    """A path or object store cannot be reached or written: no credentials, unreachable endpoint, access denied,
+    missing bucket, read-only folder."""
 
 
 class DecodeError(PipelineError, ValueError):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from pipeline.decode import MAX_PIXELS, decode_image
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.pca import PCABasis, fit_pca
 from pipeline.sources import Manifest, build_manifest, read_many
+from pipeline.storage import check_writable
 from pipeline.stages import DecodeSpec, Featurizer, ModelSpec, build_models, decode_units
 from pipeline.store import (
     DEFAULT_CODEC,
@@ -284,12 +284,14 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         InputNotFoundError: missing/unreadable input, or no images.
         featup_ops.errors.UnknownBackboneError / WeightsNotFoundError / CheckpointError: bad model settings.
         StoreMismatchError: the output store exists with other settings.
+        StorageAccessError: the output cannot be written (no credentials, missing bucket, read-only folder).
         ConfigError: invalid settings (e.g. input size not a multiple of the stride).
     """
     t_start = time.monotonic()
     manifest = build_manifest(
         cfg.input, kind=cfg.kind, split=cfg.split, limit=cfg.limit, storage_options=cfg.storage_options
     )
+    check_writable(cfg.output, cfg.storage_options)  # before the models load
     spec = ModelSpec(
         backbone=cfg.backbone,
         weights=cfg.weights,
@@ -480,20 +482,9 @@ def config_from_args(args: Any, **overrides: Any) -> FeaturizeConfig:
 
 
 def main_from_config(cfg: FeaturizeConfig) -> int:
-    """Run a job from a config: start/connect Ray, run, print the store summary; one clear line on bad input."""
-    from pipeline.errors import PipelineError
-
-    try:
-        import featup_ops.errors as fe
-
-        user_errors: tuple[type[BaseException], ...] = (PipelineError, fe.FeatupError)
-    except ImportError:  # pragma: no cover
-        user_errors = (PipelineError,)
-    try:
-        result = run_featurize(cfg)
-    except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Run a job from a config and print the store summary; exit code 0 when every row is done, 1 if some are pending.
+    Bad input raises (the job entry points print it as one line, see :func:`pipeline.cli.run_job`)."""
+    result = run_featurize(cfg)
     if not cfg.quiet:
         print(store_summary(cfg.output, cfg.storage_options))
         print(json.dumps(result))

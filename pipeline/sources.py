@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.storage import filesystem, is_remote
+from pipeline.storage import describe_failure, filesystem, is_remote
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -131,11 +131,11 @@ def build_manifest(
     remote = is_remote(input)
     try:
         fs, path = filesystem(input, storage_options)
-        exists = fs.exists(path)
-    except Exception as e:  # unreadable bucket, bad credentials, unreachable endpoint
-        raise _not_found(input, f"cannot be read ({type(e).__name__}: {_one_line(e)})") from e
-    if not exists:
-        raise _not_found(input, "does not exist")
+        fs.info(path)  # unlike exists(), says why: no credentials, unreachable endpoint, access denied
+    except FileNotFoundError:
+        raise _not_found(input, "does not exist") from None
+    except Exception as e:
+        raise InputNotFoundError(f"input {input!r}: {describe_failure(e)}") from e
     try:
         is_dir = fs.isdir(path)
         if kind == "auto":
@@ -153,16 +153,12 @@ def build_manifest(
     except (InputNotFoundError, ConfigError):
         raise
     except Exception as e:
-        raise _not_found(input, f"cannot be listed ({type(e).__name__}: {_one_line(e)})") from e
+        raise InputNotFoundError(f"input {input!r} cannot be listed: {describe_failure(e)}") from e
     if not uris:
         raise _not_found(input, f"holds no images (kind {kind!r}; image extensions {', '.join(IMAGE_EXTENSIONS)})")
     if limit is not None:
         ids, uris = ids[:limit], uris[:limit]
     return Manifest(input=input, kind=kind, image_ids=tuple(ids), uris=tuple(uris), storage_options=storage_options)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 def _detect_kind(fs: Any, path: str, is_dir: bool, split: str | None) -> str:

@@ -7,11 +7,16 @@ same URI works against AWS, MinIO or the moto server the tests start on 127.0.0.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 
-__all__ = ["filesystem", "resolve_storage_options", "is_remote", "join"]
+from pipeline.errors import StorageAccessError
+
+__all__ = ["filesystem", "resolve_storage_options", "is_remote", "join", "describe_failure", "access_errors",
+           "check_writable", "one_line"]
 
 #: Environment variables holding an S3 endpoint URL, most specific first (botocore's own names).
 ENDPOINT_ENV_VARS: tuple[str, ...] = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -74,3 +79,72 @@ def join(base: str, *parts: str) -> str:
     if is_remote(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
     return os.path.join(base, *parts)
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most ``limit`` characters."""
+    return " ".join(str(e).split())[:limit]
+
+
+def is_storage_failure(e: BaseException) -> bool:
+    """True for the errors of reaching a path or object store (OSError, botocore's), not of its contents."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")
+
+
+def describe_failure(e: BaseException) -> str:
+    """Why a storage call failed and what fixes it, in one line (botocore's errors are told apart by class name, so
+    this module does not import botocore)."""
+    name = type(e).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return ("no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                "or pass them in --storage-options")
+    if name in ("EndpointConnectionError", "ConnectTimeoutError") or isinstance(e, ConnectionError):
+        return f"cannot reach the storage endpoint ({one_line(e)}); check AWS_ENDPOINT_URL and the network"
+    if isinstance(e, PermissionError):
+        return f"access denied ({one_line(e)}); check the credentials' (or the folder's) permissions"
+    if isinstance(e, FileNotFoundError):
+        return f"not found ({one_line(e)}); check the bucket and path"
+    return f"{name}: {one_line(e)}"
+
+
+@contextmanager
+def access_errors(label: str) -> Iterator[None]:
+    """Re-raise a failure to reach storage inside the block as one :class:`StorageAccessError` line
+    ``"<label>: <reason and fix>"``; other errors (and those the block handles itself) pass unchanged."""
+    try:
+        yield
+    except StorageAccessError:
+        raise
+    except Exception as e:
+        if is_storage_failure(e):
+            raise StorageAccessError(f"{label}: {describe_failure(e)}") from e
+        raise
+
+
+def check_writable(uri: str, storage_options: dict[str, Any] | None = None, *, what: str = "--output") -> None:
+    """Fail early, before any work, when ``uri`` can surely not be written.
+
+    Object stores: the bucket must exist and answer with these credentials. Local paths: the nearest existing folder
+    on the way must be a writable folder. (Permission to write into a bucket shows only on the first write.)
+
+    Raises:
+        StorageAccessError: one line naming ``what``, ``uri``, the reason and the fix.
+    """
+    with access_errors(f"{what} {uri!r}"):
+        fs, path = filesystem(uri, storage_options)
+        if is_remote(uri):
+            bucket = path.split("/", 1)[0]
+            try:
+                fs.info(bucket)
+            except FileNotFoundError:
+                raise StorageAccessError(
+                    f"{what} {uri!r}: bucket {bucket!r} does not exist; create it or choose another {what}"
+                ) from None
+            return
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise StorageAccessError(f"{what} {uri!r}: {existing!r} is a file, not a folder; choose another {what}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageAccessError(f"{what} {uri!r}: folder {existing!r} is not writable; choose another {what}")

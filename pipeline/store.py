@@ -47,7 +47,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import ConfigError, StoreError, StoreMismatchError
-from pipeline.storage import filesystem, is_remote, resolve_storage_options
+from pipeline.storage import access_errors, filesystem, is_remote, resolve_storage_options
 
 if TYPE_CHECKING:
     import torch
@@ -233,10 +233,11 @@ def open_store(
     Raises:
         StoreError: there is no feature store at ``uri``.
     """
-    try:
-        group = zarr.open_group(_zarr_store(uri, storage_options, read_only=(mode == "r")), mode=mode)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-        raise StoreError(f"no feature store at {uri!r}; run the featurize job first") from e
+    with access_errors(f"store {uri!r}"):
+        try:
+            group = zarr.open_group(_zarr_store(uri, storage_options, read_only=(mode == "r")), mode=mode)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise StoreError(f"no feature store at {uri!r}; run the featurize job first") from e
     if ATTRS_KEY not in group.attrs:
         raise StoreError(f"{uri!r} is a Zarr group but not a feature store (no {ATTRS_KEY!r} attributes)")
     return group
@@ -342,13 +343,15 @@ def create_or_open_store(
     Raises:
         StoreMismatchError: a store exists at ``uri`` with another fingerprint (the message names what differs).
         StoreError: something other than a feature store exists at ``uri``.
+        StorageAccessError: ``uri`` cannot be reached or written.
     """
     fp = fingerprint(schema, settings)
     store = _zarr_store(uri, storage_options, read_only=False)
-    try:
-        existing = zarr.open_group(store, mode="r+")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        existing = None
+    with access_errors(f"store {uri!r}"):
+        try:
+            existing = zarr.open_group(store, mode="r+")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            existing = None
     if existing is not None:
         if ATTRS_KEY not in existing.attrs:
             if any(True for _ in existing.keys()):
@@ -374,8 +377,9 @@ def create_or_open_store(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     # Attributes first, then arrays: a run killed in between leaves a store whose missing arrays a rerun creates.
-    group = zarr.open_group(store, mode="w", attributes={ATTRS_KEY: json.loads(json.dumps(attrs, default=str))})
-    _ensure_arrays(group, schema)
+    with access_errors(f"store {uri!r}"):
+        group = zarr.open_group(store, mode="w", attributes={ATTRS_KEY: json.loads(json.dumps(attrs, default=str))})
+        _ensure_arrays(group, schema)
     return group, False
 
 

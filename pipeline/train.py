@@ -44,7 +44,7 @@ from featup_ops.config import DownsamplerConfig, JBUConfig, JitterConfig, LossCo
 from featup_ops.errors import CheckpointError
 from featup_ops.multiview import MultiViewObjective, fixed_views, reconstruction_error
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.storage import filesystem, is_remote, join
+from pipeline.storage import check_writable, filesystem, is_remote, join
 
 if TYPE_CHECKING:
     import ray.data
@@ -413,8 +413,10 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
         final checkpoint's path, the exported upsampler folder (``<output>/<name>/upsampler``) and the CSV's path.
 
     Raises:
+        StorageAccessError: the output cannot be written (no credentials, missing bucket, read-only folder).
         ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
     """
+    check_writable(cfg.output, cfg.storage_options)
     datasets = build_datasets(cfg)
     result = build_trainer(cfg, datasets).fit()
     if result.checkpoint is None:

@@ -215,7 +215,9 @@ def render_image(
     """
     import featup_ops
     from pipeline.decode import decode_image, normalize
+    from pipeline.errors import DecodeError
     from pipeline.sources import read_bytes
+    from pipeline.storage import access_errors
 
     model = featup_ops.load_backbone(backbone, weights)
     up = (
@@ -223,7 +225,12 @@ def render_image(
         if upsampler
         else featup_ops.BilateralUpsampler()
     )
-    decoded = decode_image(read_bytes(image, storage_options), size=(input_size, input_size), policy=policy)
+    with access_errors(f"image {image!r}"):
+        data = read_bytes(image, storage_options)
+    try:
+        decoded = decode_image(data, size=(input_size, input_size), policy=policy)
+    except DecodeError as e:
+        raise DecodeError(f"image {image!r}: {e.reason}") from e
     x = normalize(np.array(decoded.pixels)[None], model.mean, model.std)  # a writable copy for torch
     x = torch.as_tensor(x, dtype=torch.float32)
     low = model(x)
