@@ -7,6 +7,9 @@
 # On a machine without GPUs, `--num-gpus 1` makes a stand-in "GPU node": Ray schedules the featurizer actors
 # (num_gpus=1 each, pipeline/featurize.py) only there, and they run on its CPU since CUDA is absent. That is how
 # tests/test_multinode.py forces work onto both nodes. FEATUP_WORKER_RESOURCES adds custom resources.
+# Each node keeps its own Ray temp dir ($FEATUP_RAY_DIR/node-NAME): nodes sharing the head's would share its
+# runtime_resources/ folder, and one node's runtime-env agent then deletes the job working dir another node's
+# processes run in (seen here: a job driver's cwd vanished a second after ray.init()).
 # Settings (environment):
 #   FEATUP_RAY_DIR               state dir shared with the head          (default /tmp/featup-ray-$UID)
 #   FEATUP_RAY_PORT              the head's GCS port                     (6379)
@@ -41,6 +44,7 @@ start_detached "$pidfile" "$log" \
     python "$INFRA_DIR/ray_start_loopback.py" --block \
     --address="127.0.0.1:$FEATUP_RAY_PORT" \
     --node-ip-address=127.0.0.1 \
+    --temp-dir="$FEATUP_RAY_DIR/node-$FEATUP_WORKER_NAME" \
     --dashboard-agent-listen-port="$FEATUP_DASHBOARD_AGENT_PORT" \
     "${resource_args[@]}" \
     --disable-usage-stats \

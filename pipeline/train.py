@@ -39,7 +39,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from featup_ops import BilateralUpsampler, BilinearUpsampler, JBUUpsampler, load_upsampler, save_upsampler
+from featup_ops import (
+    BilateralUpsampler, BilinearUpsampler, JBUUpsampler, load_backbone, load_upsampler, save_upsampler,
+)
 from featup_ops.config import DownsamplerConfig, JBUConfig, JitterConfig, LossConfig, TrainConfig
 from featup_ops.errors import CheckpointError
 from featup_ops.multiview import MultiViewObjective, fixed_views, reconstruction_error
@@ -402,6 +404,18 @@ def build_trainer(cfg: TrainJobConfig, datasets: dict[str, ray.data.Dataset]) ->
     )
 
 
+def check_backbones(cfg: TrainJobConfig) -> None:
+    """Load every backbone once here, on the driver, and check the input size against its stride: a bad name, missing
+    weights or a wrong size then fails with one line before Ray Train starts, not in every worker.
+
+    Raises:
+        featup_ops.errors.UnknownBackboneError / WeightsNotFoundError / InputSizeError: as their messages say.
+    """
+    for name in cfg.backbone_names:
+        backbone = load_backbone(name, cfg.weights, storage_options=cfg.storage_options)
+        backbone.check_input(torch.empty(1, 3, cfg.input_size, cfg.input_size, device="meta"))
+
+
 def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     """Build the datasets and the trainer, fit (resuming if the run exists), export the final upsampler.
 
@@ -414,9 +428,11 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
 
     Raises:
         StorageAccessError: the output cannot be written (no credentials, missing bucket, read-only folder).
+        featup_ops.errors.UnknownBackboneError / WeightsNotFoundError / InputSizeError: bad model settings.
         ray.train.TrainingFailedError: a worker failed more than ``max_failures`` times.
     """
     check_writable(cfg.output, cfg.storage_options)
+    check_backbones(cfg)
     datasets = build_datasets(cfg)
     result = build_trainer(cfg, datasets).fit()
     if result.checkpoint is None:
@@ -616,8 +632,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
-
-    from featup_ops import load_backbone
 
     cfg = TrainJobConfig.from_dict(loop_config)
     ctx = ray.train.get_context()

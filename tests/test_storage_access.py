@@ -5,11 +5,13 @@ Against the real S3 server on loopback: a missing bucket, no credentials, an end
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
 from _local_infra import free_port
 
+from featup_ops.errors import FeatupError
 from pipeline.errors import InputNotFoundError, StorageAccessError
 from pipeline.sources import build_manifest
 from pipeline.storage import check_writable
@@ -110,3 +112,19 @@ def test_jobs_print_bad_input_as_one_line(job, argv, expected, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.startswith(expected.format(tmp=tmp_path)) and "\n" not in err, err
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"backbone": "no-such-backbone"}, "unknown backbone 'no-such-backbone'"),
+        ({"weights": "/no/such/weights.safetensors"}, "weights file '/no/such/weights.safetensors' does not exist"),
+        ({"input_size": 100, "weights": "random"}, "input size 100x100 (HxW) is not a multiple of stride 32"),
+    ],
+)
+def test_training_checks_its_backbones_on_the_driver(kw, message, tmp_path):
+    """Bad model settings fail in run_training before Ray Train (or Ray) starts: no workers, no traceback per rank."""
+    cfg = TrainJobConfig(input=str(tmp_path / "never-read"), output=str(tmp_path / "runs"), name="r", **kw)
+    with pytest.raises(FeatupError, match=re.escape(message)) as info:
+        run_training(cfg)
+    assert "\n" not in str(info.value) and not (tmp_path / "runs").exists()
