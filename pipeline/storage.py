@@ -16,7 +16,7 @@ import fsspec
 from pipeline.errors import StorageAccessError
 
 __all__ = ["filesystem", "resolve_storage_options", "is_remote", "join", "describe_failure", "access_errors",
-           "check_writable", "one_line"]
+           "check_writable"]
 
 #: Environment variables holding an S3 endpoint URL, most specific first (botocore's own names).
 ENDPOINT_ENV_VARS: tuple[str, ...] = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -81,7 +81,7 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def one_line(e: BaseException, limit: int = 300) -> str:
+def _one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, at most ``limit`` characters."""
     return " ".join(str(e).split())[:limit]
 
@@ -99,12 +99,12 @@ def describe_failure(e: BaseException) -> str:
         return ("no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
                 "or pass them in --storage-options")
     if name in ("EndpointConnectionError", "ConnectTimeoutError") or isinstance(e, ConnectionError):
-        return f"cannot reach the storage endpoint ({one_line(e)}); check AWS_ENDPOINT_URL and the network"
+        return f"cannot reach the storage endpoint ({_one_line(e)}); check AWS_ENDPOINT_URL and the network"
     if isinstance(e, PermissionError):
-        return f"access denied ({one_line(e)}); check the credentials' (or the folder's) permissions"
+        return f"access denied ({_one_line(e)}); check the credentials' (or the folder's) permissions"
     if isinstance(e, FileNotFoundError):
-        return f"not found ({one_line(e)}); check the bucket and path"
-    return f"{name}: {one_line(e)}"
+        return f"not found ({_one_line(e)}); check the bucket and path"
+    return f"{name}: {_one_line(e)}"
 
 
 @contextmanager
