@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray binds loopback only (DESIGN.md)
 
 from featup_ops.config import TrainConfig  # noqa: E402  (cheap: dataclasses only)
+from pipeline.cli import json_object, run_job  # noqa: E402  (cheap: stdlib only)
 
 _M = TrainConfig()
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per Ray Data decode task (default 0.5)")
     run.add_argument("--max-failures", type=int, default=0,
                      help="restart failed workers from the last checkpoint this many times (-1: always)")
-    run.add_argument("--storage-options", type=json.loads, default=None,
+    run.add_argument("--storage-options", type=json_object, default=None,
                      help='fsspec options for s3:// input/output as JSON, e.g. \'{"client_kwargs": {"endpoint_url": '
                      '"http://127.0.0.1:9000"}}\' (default: AWS_* environment variables)')
     run.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -115,8 +116,6 @@ def config_from_args(args: argparse.Namespace):  # -> pipeline.train.TrainJobCon
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.cli import run_job
-
     return run_job("train_upsampler", lambda: _run(args))
 
 

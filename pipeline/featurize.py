@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.cli import json_object
 from pipeline.decode import MAX_PIXELS, decode_image
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.pca import PCABasis, fit_pca
@@ -464,7 +465,7 @@ def add_featurize_args(parser: Any) -> Any:
     a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: cores - 1)")
     a("--codec", default=d.codec, choices=list(MEASURED_RATIO), help="compressor (default %(default)s)")
     a("--rows-per-shard", type=int, default=None, help="override images per shard (default: ~64 MiB shards)")
-    a("--storage-options", type=json.loads, default=None, help='fsspec options as JSON, e.g. \'{"anon": true}\'')
+    a("--storage-options", type=json_object, default=None, help='fsspec options as JSON, e.g. \'{"anon": true}\'')
     a("--progress-interval-s", type=float, default=d.progress_interval_s, help="seconds between progress lines")
     a("--quiet", action=argparse.BooleanOptionalAction, default=False, help="print nothing")
     from pipeline.implicit_stage import add_implicit_args

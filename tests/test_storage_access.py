@@ -128,3 +128,12 @@ def test_training_checks_its_backbones_on_the_driver(kw, message, tmp_path):
     with pytest.raises(FeatupError, match=re.escape(message)) as info:
         run_training(cfg)
     assert "\n" not in str(info.value) and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("job", ["featurize", "train_upsampler"])
+@pytest.mark.parametrize("text, message", [("{bad", "not valid JSON"), ("[1]", "expected a JSON object")])
+def test_storage_options_must_be_a_json_object(job, text, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        _job(job).main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--storage-options", text])
+    assert info.value.code == 2
+    assert f"argument --storage-options: {message}" in capsys.readouterr().err
