@@ -151,7 +151,14 @@ class FeatureDataset(Dataset):
             ok = np.asarray(group["implicit_status"][:]) == STATUS_COMPLETE
             done = done[ok[done]]
         if rows is not None:
-            done = np.intersect1d(done, np.asarray(rows, dtype=np.int64))
+            wanted = np.asarray(rows, dtype=np.int64)
+            outside = wanted[(wanted < 0) | (wanted >= self.array_shape[0])]
+            if outside.size:
+                raise ConfigError(
+                    f"rows {outside[:5].tolist()} are outside the store's {self.array_shape[0]} rows (0.."
+                    f"{self.array_shape[0] - 1}); pass manifest row numbers of this store"
+                )
+            done = np.intersect1d(done, wanted)
         self.rows: np.ndarray = np.sort(done)
         self._image_ids = _strings(group["image_id"][:])
         self._uris = _strings(group["uri"][:]) if "uri" in group else None
@@ -163,6 +170,8 @@ class FeatureDataset(Dataset):
         if crop is None:
             self._ys, self._xs = slice(0, h), slice(0, w)
         else:
+            if len(crop) != 4:
+                raise ConfigError(f"crop={crop} must be (top, left, height, width) in the {array} array's pixels")
             top, left, ch_, cw = (int(v) for v in crop)
             if top < 0 or left < 0 or ch_ <= 0 or cw <= 0 or top + ch_ > h or left + cw > w:
                 raise ConfigError(f"crop={crop} does not fit the {array} array's {h}x{w} grid")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from pipeline.dataset import FeatureDataset, ShardBatchSampler
+from pipeline.errors import ConfigError, StoreError
 from pipeline.decode import decode_image
 from pipeline.labels import (
     COCO_STUFF_FINE_TO_COARSE,
@@ -80,6 +82,25 @@ def test_values_equal_written_and_failed_rows_skipped(tmp_path):
     assert [g["row"] for g in got] == [ds.rows[i] for i in [5, 0, 3, 4, 1]]
     for g in got:
         np.testing.assert_array_equal(g["features"].numpy(), values["hires"][g["row"]].astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"array": "implicit"}, "has no 'implicit' array"),
+        ({"array": "nope"}, "unknown feature array 'nope'"),
+        ({"channels": (0, C + 1)}, f"out of range; the store has {C} channels"),
+        ({"crop": (0, 0, HIGH + 1, 1)}, f"does not fit the hires array's {HIGH}x{HIGH} grid"),
+        ({"crop": (HIGH, HIGH)}, "must be (top, left, height, width)"),
+        ({"rows": [0, N + 3]}, f"rows [{N + 3}] are outside the store's {N} rows"),
+    ],
+)
+def test_bad_dataset_arguments_fail_at_construction_with_one_line(tmp_path, kw, message):
+    uri = str(tmp_path / "s.zarr")
+    make_store(uri)
+    with pytest.raises((ConfigError, StoreError), match=re.escape(message)) as info:
+        FeatureDataset(uri, **{"array": "hires", **kw})
+    assert "\n" not in str(info.value)
 
 
 def test_shard_batch_sampler_batches_are_contiguous_within_shards(tmp_path):
