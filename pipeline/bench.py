@@ -67,11 +67,11 @@ def _bare_loop(cfg: Any) -> tuple[float, float]:
 
     t0 = time.perf_counter()
     m = build_manifest(cfg.input)
-    out = cfg.output_size or cfg.input_size
-    spec = ModelSpec(cfg.backbone, cfg.weights, cfg.upsampler, (out, out), cfg.dtype, cfg.batch_size)
+    out = cfg.output_hw
+    spec = ModelSpec(cfg.backbone, cfg.weights, cfg.upsampler, out, cfg.dtype, cfg.batch_size)
     backbone, up = build_models(spec)
-    h = cfg.input_size // backbone.stride
-    schema = FeatureStoreSchema(n_rows=len(m), channels=backbone.dim, lowres_size=(h, h), output_size=(out, out),
+    low_hw = (cfg.input_hw[0] // backbone.stride, cfg.input_hw[1] // backbone.stride)
+    schema = FeatureStoreSchema(n_rows=len(m), channels=backbone.dim, lowres_size=low_hw, output_size=out,
                                 dtype=cfg.dtype, codec=cfg.codec)
     schema = replace(schema, rows_per_shard=cfg.rows_per_shard or rows_per_shard_for(schema.hires_row_bytes))
     group, _ = create_or_open_store(cfg.output, schema, {"bench": "bare"})
@@ -81,11 +81,11 @@ def _bare_loop(cfg: Any) -> tuple[float, float]:
         px, ok, orig, err = [], [], [], []
         for data in read_many(m.uris[start:stop]):
             try:
-                d = decode_image(data, size=(cfg.input_size,) * 2, policy=cfg.policy, min_side=backbone.stride)
+                d = decode_image(data, size=cfg.input_hw, policy=cfg.policy, min_side=backbone.stride)
                 px.append(d.pixels), ok.append(True), orig.append(d.orig_size), err.append("")
             except DecodeError as e:
                 ok.append(False), orig.append((0, 0)), err.append(e.reason)
-        low, high = featurize_pixels(np.stack(px), backbone, up, output_size=(out, out), batch_size=cfg.batch_size)
+        low, high = featurize_pixels(np.stack(px), backbone, up, output_size=out, batch_size=cfg.batch_size)
         n = stop - start
         write_shard(group, k, {
             "image_id": np.asarray(m.image_ids[start:stop]), "uri": np.asarray(m.uris[start:stop]),

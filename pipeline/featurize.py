@@ -63,8 +63,8 @@ class FeaturizeConfig:
         backbone: ``featup_ops`` backbone name.
         weights: backbone weights (None = the preset's default; ``random``; a path or URI).
         upsampler: upsampler checkpoint (path or URI); None = the fixed joint bilateral upsampler.
-        input_size: side of the square input (a multiple of the backbone stride).
-        output_size: side of the square high-res features; None = ``input_size``.
+        input_size: the backbone input, one side (square) or ``(H, W)``; each a multiple of the backbone stride.
+        output_size: the high-res features, one side (square) or ``(H, W)``; None = ``input_size``.
         dtype: store dtype of features: ``float16``, ``bfloat16`` or ``float32``.
         pca: keep k PCA channels (basis fitted on ``pca_fit_images`` images first), or None for all channels.
         pca_fit_images: images (the first ones of the manifest) the PCA basis is fitted on.
@@ -96,8 +96,8 @@ class FeaturizeConfig:
     backbone: str = "efficientnet_lite0"
     weights: str | None = None
     upsampler: str | None = None
-    input_size: int = 224
-    output_size: int | None = None
+    input_size: int | tuple[int, int] = 224
+    output_size: int | tuple[int, int] | None = None
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     pca: int | None = None
     pca_fit_images: int = 32
@@ -126,13 +126,45 @@ class FeaturizeConfig:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         if self.policy not in ("crop", "pad"):
             raise ConfigError(f"--policy {self.policy!r} is not 'crop' or 'pad'")
-        for name in ("input_size", "batch_size", "num_actors", "pca_fit_images"):
+        for name in ("input_size", "output_size"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _size(value, f"--{name.replace('_', '-')}"))
+        for name in ("batch_size", "num_actors", "pca_fit_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.output_size is not None and self.output_size < 1:
-            raise ConfigError(f"--output-size must be >= 1, got {self.output_size}")
         if self.pca is not None and self.pca < 1:
             raise ConfigError(f"--pca must be >= 1 channels, got {self.pca}")
+
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """``(H, W)`` of the backbone input."""
+        return _hw(self.input_size)
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """``(H, W)`` of the high-res features."""
+        return self.input_hw if self.output_size is None else _hw(self.output_size)
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _size(value: Any, flag: str) -> int | tuple[int, int]:
+    """A size setting as one int (square) or an ``(H, W)`` pair of ints >= 1 (a flag's one- or two-value list)."""
+    sides = [value] if isinstance(value, int) else list(value)
+    if len(sides) not in (1, 2) or not all(isinstance(v, int) for v in sides):
+        raise ConfigError(f"{flag} takes one side (square) or two (H W), got {value!r}")
+    if min(sides) < 1:
+        raise ConfigError(f"{flag} must be >= 1, got {' '.join(map(str, sides))}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
+def _size_text(hw: tuple[int, int]) -> str:
+    """How the flags spell a size: ``224`` when square, else ``224 448``."""
+    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]} {hw[1]}"
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -297,7 +329,7 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         backbone=cfg.backbone,
         weights=cfg.weights,
         upsampler=cfg.upsampler,
-        output_size=(cfg.output_size or cfg.input_size,) * 2,
+        output_size=cfg.output_hw,
         dtype=cfg.dtype,
         batch_size=cfg.batch_size,
         storage_options=cfg.storage_options,
@@ -305,16 +337,19 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     )
     backbone, upsampler = build_models(spec)  # validates names, weights and checkpoint on the driver
     stride = backbone.stride
-    if cfg.input_size % stride:
-        lo, hi = max(stride, cfg.input_size // stride * stride), -(-cfg.input_size // stride) * stride
+    input_hw = cfg.input_hw
+    if input_hw[0] % stride or input_hw[1] % stride:
+        from featup_ops.backbones import nearest_valid_sizes
+
+        lower, upper = zip(*(nearest_valid_sizes(side, stride) for side in input_hw))
+        options = " or ".join(dict.fromkeys(_size_text(hw) for hw in (lower, upper)))
         raise ConfigError(
-            f"--input-size {cfg.input_size} is not a multiple of the stride {stride} of {cfg.backbone!r}; "
-            f"use {lo} or {hi}"
+            f"--input-size {_size_text(input_hw)} is not a multiple of the stride {stride} of {cfg.backbone!r}; "
+            f"use {options}"
         )
     if cfg.pca is not None and cfg.pca > backbone.dim:
         raise ConfigError(f"--pca {cfg.pca} is more than the {backbone.dim} channels of {cfg.backbone!r}")
-    input_hw = (cfg.input_size, cfg.input_size)
-    lowres_hw = (cfg.input_size // stride, cfg.input_size // stride)
+    lowres_hw = (input_hw[0] // stride, input_hw[1] // stride)
     channels = cfg.pca or backbone.dim
     probe = FeatureStoreSchema(
         n_rows=len(manifest), channels=channels, lowres_size=lowres_hw, output_size=spec.output_size,
@@ -406,7 +441,7 @@ def _run_plan(
         meta = {"image_id": list(manifest.image_ids[start:stop]), "uri": list(manifest.uris[start:stop])}
         units.append({"shard": k, "start": start, "meta": json.dumps(meta)})
     dspec = DecodeSpec(
-        input_size=(cfg.input_size, cfg.input_size),
+        input_size=cfg.input_hw,
         policy=cfg.policy,
         min_side=int(read_attrs(group)["stride"]),  # images smaller than one feature cell are refused
         rows_per_shard=schema.rows_per_shard,
@@ -451,8 +486,10 @@ def add_featurize_args(parser: Any) -> Any:
     a("--backbone", default=d.backbone, help="featup_ops backbone name (default %(default)s)")
     a("--weights", default=None, help="backbone weights: default for the preset, 'random', or a path / s3:// URI")
     a("--upsampler", default=None, help="upsampler checkpoint dir (path or s3://); default: fixed joint bilateral")
-    a("--input-size", type=int, default=d.input_size, help="square input side, a multiple of the stride")
-    a("--output-size", type=int, default=None, help="square side of hires features (default: input size)")
+    a("--input-size", type=int, nargs="+", default=d.input_size, metavar="SIDE",
+      help="backbone input: one side (square) or H W, multiples of the stride (default %(default)s)")
+    a("--output-size", type=int, nargs="+", default=None, metavar="SIDE",
+      help="hires features: one side (square) or H W (default: the input size)")
     a("--dtype", default=d.dtype, choices=list(DTYPE_BYTES), help="feature dtype in the store")
     a("--pca", type=int, default=None, help="keep k PCA channels (basis fitted on the first images)")
     a("--pca-fit-images", type=int, default=d.pca_fit_images, help="images to fit the PCA basis on")

@@ -172,18 +172,29 @@ def render_store_rows(
         The written paths, in the order of ``rows``.
     """
     from pipeline.dataset import FeatureDataset
+    from pipeline.errors import StoreError
 
     low_ds = FeatureDataset(store, "lowres", storage_options=storage_options)
     high_ds = FeatureDataset(store, array, storage_options=storage_options)
     written = []
     for row in rows:
-        i = low_ds.index_of_row(int(row))
-        low, high = low_ds[i], high_ds[i]
+        try:
+            low, high = low_ds[low_ds.index_of_row(int(row))], high_ds[high_ds.index_of_row(int(row))]
+        except KeyError:
+            raise StoreError(
+                f"row {row} of {store!r} has no complete {array!r} features (failed, or not written yet); complete "
+                f"rows: {_row_list(high_ds.rows)}"
+            ) from None
         image = low_ds.source_pixels(int(row))
         pic = feature_picture(image, low["features"], high["features"])
         name = f"row{int(row):06d}_{_safe_name(str(low['image_id']))}.png"
         written.append(save_png(pic, Path(out_dir) / name))
     return written
+
+
+def _row_list(rows: np.ndarray, most: int = 8) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:most])
+    return (shown + f", ... ({len(rows)} in all)") if len(rows) > most else (shown or "none")
 
 
 @torch.no_grad()

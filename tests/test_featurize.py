@@ -175,6 +175,45 @@ def test_bad_model_settings_fail_before_any_work(bad_folder, tmp_path):
     assert not os.path.exists(out)
 
 
+def test_non_square_input_and_output_sizes(ray_local, bad_folder, tmp_path):
+    """--input-size H W / --output-size H W: the store, its attributes and the torch Dataset keep (H, W) apart, and
+    the stored features equal featup_ops run directly on the same decoded pixels."""
+    import featup_ops
+
+    from pipeline.dataset import FeatureDataset
+    from pipeline.decode import decode_image, normalize
+
+    folder, _ = bad_folder
+    out = str(tmp_path / "wide.zarr")
+    result = run_featurize(config(str(folder), out, input_size=[64, 96], output_size=[32, 48], limit=1))
+    assert result["complete"] == 1  # a_photo.jpg
+    g = open_store(out)
+    attrs = read_attrs(g)
+    assert attrs["input_size"] == [64, 96] and list(attrs["output_size"]) == [32, 48]
+    assert g["lowres"].shape[2:] == (2, 3) and g["hires"].shape[2:] == (32, 48)
+    backbone = featup_ops.load_backbone("efficientnet_lite0", "random")
+    px = decode_image((folder / str(g["image_id"][0])).read_bytes(), size=(64, 96)).pixels[None]
+    with torch.inference_mode():
+        x = normalize(px, backbone.mean, backbone.std)
+        high = featup_ops.BilateralUpsampler()(backbone(x), x, (32, 48))[0]
+    item = FeatureDataset(out, "hires")[0]
+    assert item["features"].shape == (backbone.dim, 32, 48)
+    torch.testing.assert_close(item["features"], high, rtol=1e-2, atol=1e-2 * float(high.abs().max()))
+
+
+def test_size_settings_are_checked_with_one_line(bad_folder, tmp_path):
+    from pipeline.errors import ConfigError
+
+    folder, _ = bad_folder
+    with pytest.raises(ConfigError, match=r"--input-size takes one side \(square\) or two \(H W\)"):
+        config(str(folder), str(tmp_path / "n.zarr"), input_size=[64, 96, 128])
+    with pytest.raises(ConfigError, match="--output-size must be >= 1, got 32 0"):
+        config(str(folder), str(tmp_path / "n.zarr"), output_size=[32, 0])
+    with pytest.raises(ConfigError, match="--input-size 64 100 is not a multiple of the stride 32 .* use 64 96 or 64 128"):
+        run_featurize(config(str(folder), str(tmp_path / "n.zarr"), input_size=[64, 100]))
+    assert not (tmp_path / "n.zarr").exists()
+
+
 def test_featurizer_stage_applies_the_stored_pca_basis(bad_folder):
     """The actor class itself (no Ray): PCA from the store attributes, failed rows zero, status per row."""
     import featup_ops

@@ -239,3 +239,27 @@ def test_job_cli(made, capsys):
     assert job.main(["--store", str(made["root"] / "missing.zarr")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no feature store" in err[0]
+
+
+def test_store_picture_of_implicit_rows_when_some_rows_have_none(made, tmp_path):
+    """With row 0's implicit features missing, the picture of row 1 shows row 1's implicit map (the lowres and
+    implicit datasets then hold different rows), and row 0 is refused with one line naming the complete rows."""
+    import torch
+    from PIL import Image
+
+    from pipeline.dataset import FeatureDataset
+    from pipeline.errors import StoreError
+    from pipeline.store import open_store
+    from pipeline.visualize import feature_picture, render_store_rows
+
+    store = _copy(made, "partial.zarr")
+    open_store(store, mode="r+")["implicit_status"][0] = 0
+    g = open_store(store)
+    (path,) = render_store_rows(store, [1], tmp_path, array="implicit")
+    source = FeatureDataset(store, "lowres").source_pixels(1)
+    expected = feature_picture(source, torch.as_tensor(np.asarray(g["lowres"][1])),
+                               torch.as_tensor(np.asarray(g["implicit"][1])))
+    with Image.open(path) as im:
+        np.testing.assert_array_equal(np.asarray(im), np.asarray(expected))
+    with pytest.raises(StoreError, match=r"row 0 .* no complete 'implicit' features .* complete rows: 1, 2"):
+        render_store_rows(store, [0], tmp_path, array="implicit")
