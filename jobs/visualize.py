@@ -27,12 +27,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default=None, help="featup_ops backbone preset (with --image)")
     p.add_argument("--weights", default=None, help="backbone weights: file, s3:// URI or 'random'")
     p.add_argument("--upsampler", default=None, help="upsampler checkpoint dir; default: fixed joint bilateral")
-    p.add_argument("--input-size", type=int, default=224, help="square input side (multiple of the stride)")
+    p.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="SIDE",
+                   help="input: one side (square) or H W, multiples of the stride (with --image)")
     p.add_argument("--policy", default="crop", choices=["crop", "pad"])
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args(argv)
     if args.image and not args.backbone:
         p.error("--image needs --backbone")
+    if len(args.input_size) > 2:
+        p.error(f"--input-size takes one side (square) or two (H W), got {len(args.input_size)} values")
+    args.input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
     return args
 
 

@@ -205,7 +205,7 @@ def render_image(
     backbone: str,
     weights: str | None = None,
     upsampler: str | None = None,
-    input_size: int = 224,
+    input_size: int | tuple[int, int] = 224,
     policy: str = "crop",
     storage_options: dict[str, Any] | None = None,
 ) -> Path:
@@ -217,7 +217,7 @@ def render_image(
         backbone: ``featup_ops`` backbone preset name.
         weights: backbone weights (None = timm pretrained from the local cache, a file, or "random").
         upsampler: upsampler checkpoint directory; None = the fixed joint bilateral upsampler (no learning).
-        input_size: square input size in pixels (a multiple of the backbone stride).
+        input_size: input size in pixels, one side (square) or ``(H, W)``; multiples of the backbone stride.
         policy: resize policy, "crop" or "pad", as in the featurize job.
         storage_options: fsspec options for s3:// inputs.
 
@@ -239,7 +239,8 @@ def render_image(
     with access_errors(f"image {image!r}"):
         data = read_bytes(image, storage_options)
     try:
-        decoded = decode_image(data, size=(input_size, input_size), policy=policy)
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        decoded = decode_image(data, size=size, policy=policy)
     except DecodeError as e:
         raise DecodeError(f"image {image!r}: {e.reason}") from e
     x = normalize(np.array(decoded.pixels)[None], model.mean, model.std)  # a writable copy for torch

@@ -44,3 +44,10 @@ def test_render_image_with_backbone(tmp_path, samples_dir):
         assert im.size == (3 * 64 + 2 * PANEL_GAP, 64)
         px = np.asarray(im)
     assert px[:, 2 * (64 + PANEL_GAP):].std() > 0  # the high-res panel is not blank
+
+
+def test_render_image_non_square(tmp_path, samples_dir):
+    out = render_image(str(samples_dir / "skate.jpg"), tmp_path / "wide.png", backbone="efficientnet_lite0",
+                       weights="random", input_size=(64, 96))
+    with Image.open(out) as im:
+        assert im.size == (3 * 96 + 2 * PANEL_GAP, 64)
