@@ -171,17 +171,18 @@ def test_resize_geometry_by_hand():
     assert (out[:12, :10] == 0).all() and (out[:12, 10:] == 1).all() and (out[12:] == IGNORE_INDEX).all()
 
 
+@pytest.mark.parametrize("size", [(32, 32), (32, 48)])
 @pytest.mark.parametrize("policy,orig", [("crop", (30, 50)), ("crop", (64, 40)), ("pad", (30, 50)), ("pad", (64, 40))])
-def test_label_alignment_matches_decode_geometry(policy, orig):
+def test_label_alignment_matches_decode_geometry(policy, orig, size):
     """A synthetic photo coloured by its own label map, decoded by the featurize decoder, must show the same map
     as the aligned label (away from resampling boundaries)."""
     h, w = orig
     lab = _stripes(h, w, period=max(w // 6, 3))
     palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
                         [0, 255, 255], [255, 255, 255]], np.uint8)
-    decoded = decode_image(_png(palette[lab]), size=(32, 32), policy=policy)
-    aligned = align_label(lab, (32, 32), policy)
-    g = resize_geometry((h, w), (32, 32), policy)
+    decoded = decode_image(_png(palette[lab]), size=size, policy=policy)
+    aligned = align_label(lab, size, policy)
+    g = resize_geometry((h, w), size, policy)
     assert g.valid == decoded.valid_size
     vh, vw = g.valid
     if policy == "pad":
