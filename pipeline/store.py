@@ -319,6 +319,18 @@ def _ensure_arrays(group: zarr.Group, schema: FeatureStoreSchema) -> None:
             group.create_array(name, shape=(n,), chunks=(rows,), dtype="uint8", fill_value=0)
 
 
+def _holds_files(uri: str, storage_options: dict[str, Any] | None) -> bool:
+    """True when ``uri`` is a file, or a folder / prefix with anything in it (creating a store there would wipe it:
+    zarr's ``mode="w"`` clears the location first)."""
+    with access_errors(f"store {uri!r}"):
+        fs, path = filesystem(uri, storage_options)
+        fs.invalidate_cache(path)
+        try:
+            return bool(fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return False
+
+
 def create_or_open_store(
     uri: str,
     schema: FeatureStoreSchema,
@@ -342,7 +354,7 @@ def create_or_open_store(
 
     Raises:
         StoreMismatchError: a store exists at ``uri`` with another fingerprint (the message names what differs).
-        StoreError: something other than a feature store exists at ``uri``.
+        StoreError: something other than a feature store exists at ``uri`` (files are never overwritten).
         StorageAccessError: ``uri`` cannot be reached or written.
     """
     fp = fingerprint(schema, settings)
@@ -352,6 +364,11 @@ def create_or_open_store(
             existing = zarr.open_group(store, mode="r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             existing = None
+    if existing is None and _holds_files(uri, storage_options):
+        raise StoreError(
+            f"{uri!r} already holds files that are not a feature store; choose a new or empty --output "
+            "(nothing there was changed)"
+        )
     if existing is not None:
         if ATTRS_KEY not in existing.attrs:
             if any(True for _ in existing.keys()):

@@ -110,3 +110,24 @@ def test_bfloat16_stored_as_bits(tmp_path):
 def test_open_store_refuses_non_stores(tmp_path):
     with pytest.raises(StoreError, match="no feature store"):
         open_store(str(tmp_path / "missing.zarr"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_creating_a_store_never_overwrites_other_files(tmp_path, where, request):
+    """zarr's mode="w" clears its location: a store is created only where nothing is (an empty folder is fine)."""
+    import fsspec
+
+    if where == "local":
+        uri = str(tmp_path / "photos")
+        fs = fsspec.filesystem("file", auto_mkdir=True)
+    else:
+        uri = request.getfixturevalue("s3_bucket") + "/photos"
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.pipe({f"{uri}/a.jpg": b"precious", f"{uri}/sub/b.jpg": b"also precious"})
+    with pytest.raises(StoreError, match="already holds files that are not a feature store"):
+        create_or_open_store(uri, schema(), SETTINGS)
+    assert fs.cat(f"{uri}/a.jpg") == b"precious" and fs.cat(f"{uri}/sub/b.jpg") == b"also precious"
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(uri, detail=False)) == ["a.jpg", "sub"]
+    (tmp_path / "empty").mkdir()
+    _, resumed = create_or_open_store(str(tmp_path / "empty"), schema(), SETTINGS)
+    assert not resumed
