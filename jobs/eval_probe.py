@@ -66,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per probe")
     p.add_argument("--ray", action="store_true", help="run each probe as a Ray task (num_gpus=1 when GPUs exist)")
     p.add_argument("--out", default=None, help="write all results and the summary as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.label_kind == "folder" and not args.num_classes:
+        p.error("--label-kind folder needs --num-classes (e.g. 21 for VOC, 151 for ADE20K)")
+    return args
 
 
 def build_runs(args: argparse.Namespace) -> list[ProbeRun]:

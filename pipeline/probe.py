@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import ConfigError
+
 IGNORE_INDEX = 255
 """Label value excluded from loss and metrics (COCO-Stuff, VOC, Cityscapes convention; also the padded area)."""
 
@@ -181,7 +183,7 @@ def _steps(loader: Iterable[Any]) -> int:
 def _in_channels(loader: Iterable[Mapping[str, torch.Tensor]]) -> int:
     for batch in loader:
         return int(batch["features"].shape[1])
-    raise ValueError("probe training loader is empty; the store has no complete rows to train on")
+    raise ConfigError("probe training loader is empty; the store has no complete rows to train on")
 
 
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -389,7 +391,10 @@ def run_probe(run: ProbeRun, device: str | None = None) -> dict[str, Any]:
     train_ds = _dataset(run.train_store, run.train_array or run.array, run.train_ids, run)
     val_ds = _dataset(run.val_store, run.array, run.val_ids, run)
     if len(train_ds) == 0 or len(val_ds) == 0:
-        raise ValueError(f"probe {run.name!r}: empty train ({len(train_ds)}) or val ({len(val_ds)}) set")
+        raise ConfigError(
+            f"probe {run.name!r}: empty train ({len(train_ds)}) or val ({len(val_ds)}) set; check --val-fraction and "
+            "that the labels and the store share image ids"
+        )
     train = train_ds.loader(run.batch_size, shuffle=True, seed=run.cfg.seed, num_workers=run.num_workers)
     val = val_ds.loader(run.batch_size, shuffle=False, num_workers=run.num_workers)
     out: dict[str, Any] = {
@@ -402,7 +407,9 @@ def run_probe(run: ProbeRun, device: str | None = None) -> dict[str, Any]:
     else:
         k = run.labels.num_classes
         if not k:
-            raise ValueError("segmentation probe needs the number of classes (LabelSource.num_classes)")
+            raise ConfigError(
+                "a segmentation probe needs the number of classes; pass --num-classes (LabelSource.num_classes)"
+            )
         probe = train_segmentation_probe(train, k, cfg=run.cfg, in_channels=train_ds.num_channels, device=device)
         metrics = evaluate_segmentation_probe(probe, val, k, device=device).to_dict()
         metrics.pop("iou")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -163,3 +164,14 @@ def test_eval_probe_job_compares_stores(tmp_path):
     assert summary[("good", "hires")]["miou"] > 0.7, summary
     assert summary[("noise", "hires")]["miou"] < summary[("good", "hires")]["miou"] - 0.3
     assert summary[("good", "lowres")]["array"] == "hires" and summary[("good", "lowres")]["miou"] > 0.5
+
+
+def test_eval_probe_job_needs_the_class_count_of_a_folder_label_set(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs"))
+    import eval_probe
+
+    with pytest.raises(SystemExit) as info:
+        eval_probe.main(["--store", f"a={tmp_path / 'a.zarr'}", "--labels", str(tmp_path), "--label-kind", "folder"])
+    assert info.value.code == 2 and "--label-kind folder needs --num-classes" in capsys.readouterr().err
