@@ -190,16 +190,21 @@ class LabelSource:
     def read(self, image_id: str, uri: str | None = None) -> np.ndarray:
         """The raw label map of one image, ``(h, w)``: int64 classes (mapped per ``kind``; 255 = ignore) or float32
         depth (0 = invalid)."""
-        fs, base = self._fs()
-        data = None
-        for name in self.candidates(image_id, uri):
-            path = posixpath.join(base, name) if "://" in self.root else f"{base.rstrip('/')}/{name}"
-            try:
-                with fs.open(path, "rb") as f:
-                    data = f.read()
-                break
-            except FileNotFoundError:
-                continue
+        from pipeline.storage import access_errors
+
+        with access_errors(f"labels {self.root!r}"):
+            fs, base = self._fs()
+            data = None
+            for name in self.candidates(image_id, uri):
+                path = posixpath.join(base, name) if "://" in self.root else f"{base.rstrip('/')}/{name}"
+                try:
+                    with fs.open(path, "rb") as f:
+                        data = f.read()
+                    break
+                except FileNotFoundError:
+                    continue
+            if data is None and not fs.exists(base):
+                raise InputNotFoundError(f"labels {self.root!r} do not exist; check --labels")
         if data is None:
             tried = ", ".join(self.candidates(image_id, uri))
             raise InputNotFoundError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.errors import StorageAccessError
+from pipeline.errors import PipelineError, StorageAccessError
 
 __all__ = ["filesystem", "resolve_storage_options", "is_remote", "join", "describe_failure", "access_errors",
            "check_writable"]
@@ -110,10 +110,11 @@ def describe_failure(e: BaseException) -> str:
 @contextmanager
 def access_errors(label: str) -> Iterator[None]:
     """Re-raise a failure to reach storage inside the block as one :class:`StorageAccessError` line
-    ``"<label>: <reason and fix>"``; other errors (and those the block handles itself) pass unchanged."""
+    ``"<label>: <reason and fix>"``; the pipeline's own errors (some are OSErrors too) and all others pass
+    unchanged."""
     try:
         yield
-    except StorageAccessError:
+    except PipelineError:
         raise
     except Exception as e:
         if is_storage_failure(e):

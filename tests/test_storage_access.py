@@ -137,3 +137,13 @@ def test_storage_options_must_be_a_json_object(job, text, message, tmp_path, cap
         _job(job).main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--storage-options", text])
     assert info.value.code == 2
     assert f"argument --storage-options: {message}" in capsys.readouterr().err
+
+
+def test_missing_labels_folder_is_named(tmp_path, s3_bucket, no_credentials):
+    from pipeline.labels import LabelSource
+
+    with pytest.raises(InputNotFoundError, match=f"labels '{tmp_path / 'none'}' do not exist; check --labels"):
+        LabelSource(str(tmp_path / "none"), "coco-stuff-27").read("1")
+    with pytest.raises(StorageAccessError, match="no S3 credentials found") as info:
+        LabelSource(f"{s3_bucket}/labels", "coco-stuff-27", storage_options=FRESH).read("1")
+    _one_line(info)
