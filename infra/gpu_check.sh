@@ -6,7 +6,7 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU machines have python3 (the one with torch and CuPy), not always `python`
 LOGS=${OUT:-/tmp/featup_gpu_check}
 mkdir -p "$LOGS"
 T0=$(date +%s)
