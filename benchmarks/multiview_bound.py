@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from featup_ops.downsamplers import BlurDownsampler
     from featup_ops.jitter import apply_jitter, sample_jitter
     from featup_ops.multiview import fixed_views, reconstruction_error
-    from pipeline.decode import decode_image, normalize
     from featup_ops.config import TrainConfig
+    from pipeline.decode import decode_image, normalize
     from pipeline.train import VAL_SEED, VAL_VIEWS
 
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.images:
         path = REPO / "pipeline" / "samples" / f"{Path(name).stem}.jpg"
         pixels = decode_image(path.read_bytes(), size=size, policy="crop").pixels
-        x = normalize(pixels[None].copy(), backbone.mean, backbone.std)
+        x = normalize(pixels[None], backbone.mean, backbone.std)
         t0 = time.perf_counter()
         with torch.no_grad():
             low = backbone(x)

@@ -34,9 +34,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.image and not args.backbone:
         p.error("--image needs --backbone")
-    if len(args.input_size) > 2:
-        p.error(f"--input-size takes one side (square) or two (H W), got {len(args.input_size)} values")
-    args.input_size = args.input_size[0] if len(args.input_size) == 1 else tuple(args.input_size)
     return args
 
 

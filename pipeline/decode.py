@@ -18,6 +18,7 @@ What :func:`decode_image` does, in order:
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -29,7 +30,8 @@ from pipeline.errors import ConfigError, DecodeError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKGROUND", "MAX_PIXELS", "Decoded", "ResizePolicy", "decode_image", "normalize"]
+__all__ = ["BACKGROUND", "MAX_PIXELS", "Decoded", "ResizePolicy", "decode_image", "normalize",
+           "check_size", "size_hw"]
 
 #: Largest image accepted, in pixels (width * height): 16384 x 16384 = 268 M pixels. Larger files are refused as
 #: decompression bombs (an RGB decode would take > 800 MB of worker memory); the largest photos in COCO, ImageNet
@@ -127,6 +129,25 @@ def _resize(img: Image.Image, size: tuple[int, int], policy: str) -> tuple[np.nd
     canvas = Image.new("RGB", (g.size[1], g.size[0]), BACKGROUND)
     canvas.paste(img, (0, 0))
     return np.asarray(canvas, dtype=np.uint8), g.valid
+
+
+def check_size(value: int | Sequence[int], flag: str) -> int | tuple[int, int]:
+    """A size setting as one int (square) or an ``(H, W)`` pair of ints >= 1 (a flag's one- or two-value list).
+
+    Raises:
+        ConfigError: not one or two ints, or a side < 1 (the message names ``flag``).
+    """
+    sides = [value] if isinstance(value, int) else list(value)
+    if len(sides) not in (1, 2) or not all(isinstance(v, int) for v in sides):
+        raise ConfigError(f"{flag} takes one side (square) or two (H W), got {value!r}")
+    if min(sides) < 1:
+        raise ConfigError(f"{flag} must be >= 1, got {' '.join(map(str, sides))}")
+    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+
+
+def size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    """``(H, W)`` of a size given as one side (square) or a pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def decode_image(

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.cli import json_object
-from pipeline.decode import MAX_PIXELS, decode_image
+from pipeline.decode import MAX_PIXELS, check_size, decode_image, size_hw
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.pca import PCABasis, fit_pca
 from pipeline.sources import Manifest, build_manifest, read_many
@@ -129,37 +129,22 @@ class FeaturizeConfig:
         for name in ("input_size", "output_size"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, _size(value, f"--{name.replace('_', '-')}"))
+                object.__setattr__(self, name, check_size(value, f"--{name.replace('_', '-')}"))
         for name in ("batch_size", "num_actors", "pca_fit_images"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.pca is not None and self.pca < 1:
             raise ConfigError(f"--pca must be >= 1 channels, got {self.pca}")
 
-
     @property
     def input_hw(self) -> tuple[int, int]:
         """``(H, W)`` of the backbone input."""
-        return _hw(self.input_size)
+        return size_hw(self.input_size)
 
     @property
     def output_hw(self) -> tuple[int, int]:
         """``(H, W)`` of the high-res features."""
-        return self.input_hw if self.output_size is None else _hw(self.output_size)
-
-
-def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _size(value: Any, flag: str) -> int | tuple[int, int]:
-    """A size setting as one int (square) or an ``(H, W)`` pair of ints >= 1 (a flag's one- or two-value list)."""
-    sides = [value] if isinstance(value, int) else list(value)
-    if len(sides) not in (1, 2) or not all(isinstance(v, int) for v in sides):
-        raise ConfigError(f"{flag} takes one side (square) or two (H W), got {value!r}")
-    if min(sides) < 1:
-        raise ConfigError(f"{flag} must be >= 1, got {' '.join(map(str, sides))}")
-    return sides[0] if len(sides) == 1 else (sides[0], sides[1])
+        return self.input_hw if self.output_size is None else size_hw(self.output_size)
 
 
 def _size_text(hw: tuple[int, int]) -> str:

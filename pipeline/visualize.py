@@ -205,7 +205,7 @@ def render_image(
     backbone: str,
     weights: str | None = None,
     upsampler: str | None = None,
-    input_size: int | tuple[int, int] = 224,
+    input_size: int | Sequence[int] = 224,
     policy: str = "crop",
     storage_options: dict[str, Any] | None = None,
 ) -> Path:
@@ -225,7 +225,7 @@ def render_image(
         The written path.
     """
     import featup_ops
-    from pipeline.decode import decode_image, normalize
+    from pipeline.decode import check_size, decode_image, normalize, size_hw
     from pipeline.errors import DecodeError
     from pipeline.sources import read_bytes
     from pipeline.storage import access_errors
@@ -239,11 +239,10 @@ def render_image(
     with access_errors(f"image {image!r}"):
         data = read_bytes(image, storage_options)
     try:
-        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        decoded = decode_image(data, size=size, policy=policy)
+        decoded = decode_image(data, size=size_hw(check_size(input_size, "--input-size")), policy=policy)
     except DecodeError as e:
         raise DecodeError(f"image {image!r}: {e.reason}") from e
-    x = normalize(np.array(decoded.pixels)[None], model.mean, model.std)  # a writable copy for torch
+    x = normalize(decoded.pixels[None], model.mean, model.std)
     x = torch.as_tensor(x, dtype=torch.float32)
     low = model(x)
     high = up(low, x)
