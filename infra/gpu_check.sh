@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the kernels on a lent GPU machine (python, torch with CUDA, cupy-cuda13x; no Ray/Zarr/network).
 # Runs without installing the project (PYTHONPATH=.): compiles every CUDA kernel through CuPy/NVRTC, runs the
-# `gpu`-marked kernel tests, then the micro-benchmark, and prints a short summary. A few minutes at most.
+# `gpu`-marked tests (kernels vs the torch reference; featurize stage, training step and implicit fit on CUDA
+# vs the CPU path), then the micro-benchmark, and prints a short summary. A few minutes at most.
 #   usage: infra/gpu_check.sh            (logs and bench JSON go to $OUT if set, else /tmp/featup_gpu_check)
 set -u
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ t = time.time(); from kernels._cupy import compile_all; compile_all(); print(f'c
 COMPILE_RC=${PIPESTATUS[0]}
 
 echo "== gpu tests"
-timeout 300 $PY -m pytest -q -m gpu tests/test_kernels_gpu.py -p no:cacheprovider 2>&1 | tee "$LOGS/tests.log"
+timeout 300 $PY -m pytest -q -m gpu tests/test_kernels_gpu.py tests/test_pipeline_gpu.py -p no:cacheprovider 2>&1 | tee "$LOGS/tests.log"
 TESTS_RC=${PIPESTATUS[0]}
 
 echo "== benchmark"
