@@ -146,7 +146,18 @@ class BilateralUpsampler(nn.Module):
             (B, C, Ho, Wo), feats' dtype.
         """
         ho, wo = check_upsample_args(feats, image, output_size, name="BilateralUpsampler")
-        b, c, h, w = feats.shape
+        h, w = feats.shape[-2:]
+        weights, cells = self._tap_weights(feats, image, (ho, wo))
+        if ho % h == 0 and wo % w == 0:
+            return self._blockwise_sum(feats, weights)
+        return self._tapwise_sum(feats, weights, cells)
+
+    def _tap_weights(
+        self, feats: torch.Tensor, image: torch.Tensor, out_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Normalised weights ``(T, B, Ho, Wo)`` of the T = (2R+1)^2 taps (row-major over (dy, dx); taps outside
+        the grid weigh exactly 0) and each tap's clamped low-res row and column per output row / column."""
+        (ho, wo), (h, w) = out_size, feats.shape[-2:]
         dev = feats.device
         img = image.to(feats.dtype)
         cell_mean = F.adaptive_avg_pool2d(img, (h, w))  # (B, 3, h, w)
@@ -157,7 +168,7 @@ class BilateralUpsampler(nn.Module):
         cy, cx = torch.floor(uy + 0.5).long(), torch.floor(ux + 0.5).long()
         inv2s = 1.0 / (2 * self.sigma_spatial**2)
         inv2r = 1.0 / (2 * self.sigma_range**2)
-        taps = []  # (qy, qx, log spatial weight (Ho, Wo) or None if outside, colour distance (B,1,Ho,Wo))
+        logws, cells = [], []
         for dy in range(-self.radius, self.radius + 1):
             qy = cy + dy
             ly = torch.where((qy >= 0) & (qy < h), -((uy - qy) ** 2) * inv2s, torch.full_like(uy, -torch.inf))
@@ -166,17 +177,35 @@ class BilateralUpsampler(nn.Module):
                 lx = torch.where((qx >= 0) & (qx < w), -((ux - qx) ** 2) * inv2s, torch.full_like(ux, -torch.inf))
                 qyc, qxc = qy.clamp(0, h - 1), qx.clamp(0, w - 1)
                 mean_q = cell_mean.index_select(2, qyc).index_select(3, qxc)
-                logw = (ly[:, None] + lx[None, :]).to(feats.dtype) - (guide - mean_q).pow(2).sum(1, keepdim=True) * inv2r
-                taps.append((qyc, qxc, logw))
+                colour = (guide - mean_q).pow(2).sum(1)  # (B, Ho, Wo)
+                logws.append((ly[:, None] + lx[None, :]).to(feats.dtype) - colour * inv2r)
+                cells.append((qyc, qxc))
         # normalise in the log domain: far-off colours would otherwise underflow every weight of a pixel
-        top = torch.stack([t[2] for t in taps]).amax(0)
-        acc = torch.zeros(b, c, ho, wo, device=dev, dtype=feats.dtype)
-        norm = torch.zeros(b, 1, ho, wo, device=dev, dtype=feats.dtype)
-        for qyc, qxc, logw in taps:
-            wt = torch.exp(logw - top)
-            acc = acc + wt * feats.index_select(2, qyc).index_select(3, qxc)
-            norm = norm + wt
-        return acc / norm.clamp_min(1e-12)
+        logw = torch.stack(logws)  # (T, B, Ho, Wo)
+        wts = torch.exp(logw - logw.amax(0, keepdim=True))
+        return wts / wts.sum(0, keepdim=True).clamp_min(1e-12), cells
+
+    def _tapwise_sum(
+        self, feats: torch.Tensor, weights: torch.Tensor, cells: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Any output size: one nearest-cell gather of ``feats`` per tap, ``(B, C, Ho, Wo)``."""
+        out = None
+        for wt, (qyc, qxc) in zip(weights, cells):
+            term = wt[:, None] * feats.index_select(2, qyc).index_select(3, qxc)
+            out = term if out is None else out.add_(term)
+        return out
+
+    def _blockwise_sum(self, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Output sizes that are integer multiples (sy, sx) of the grid: output pixel (y, x) has nearest cell
+        (y // sy, x // sx), so each cell's sy x sx block is one small matrix product of the cell's (2R+1)^2-tap
+        window ``(C, T)`` with the block's weights ``(T, sy*sx)``; nothing of size (B, C, Ho, Wo) is made per tap."""
+        b, c, h, w = feats.shape
+        t, _, ho, wo = weights.shape
+        sy, sx, k = ho // h, wo // w, 2 * self.radius + 1
+        # zero padding: the taps that fall outside have weight 0, as the clamped gather of the general path
+        windows = F.unfold(F.pad(feats, (self.radius,) * 4), k).view(b, c, t, h, w)
+        blocks = weights.view(t, b, h, sy, w, sx)
+        return torch.einsum("bcthw,tbhpwq->bchpwq", windows, blocks).reshape(b, c, ho, wo)
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able description with "kind": "bilateral" and the three constants."""

@@ -85,7 +85,8 @@ def _bare_loop(cfg: Any) -> tuple[float, float]:
                 px.append(d.pixels), ok.append(True), orig.append(d.orig_size), err.append("")
             except DecodeError as e:
                 ok.append(False), orig.append((0, 0)), err.append(e.reason)
-        low, high = featurize_pixels(np.stack(px), backbone, up, output_size=out, batch_size=cfg.batch_size)
+        low, high = featurize_pixels(np.stack(px), backbone, up, output_size=out, batch_size=cfg.batch_size,
+                                     out_dtype=cfg.dtype)
         n = stop - start
         write_shard(group, k, {
             "image_id": np.asarray(m.image_ids[start:stop]), "uri": np.asarray(m.uris[start:stop]),

@@ -133,6 +133,7 @@ def featurize_pixels(
     output_size: tuple[int, int],
     batch_size: int,
     pca: Any = None,
+    out_dtype: str = "float32",
 ) -> tuple[Any, Any]:
     """The model part of the pipeline, shared by the actors, the benchmark's bare loop and the tests.
 
@@ -143,9 +144,11 @@ def featurize_pixels(
         output_size: ``(H_out, W_out)``.
         batch_size: images per forward pass.
         pca: a :class:`pipeline.pca.PCABasis` applied to both outputs, or None.
+        out_dtype: dtype of the returned tensors (``float32``, ``float16``, ``bfloat16``). The cast happens on the
+            model's device, before the copy to the host: a GPU actor writing float16 moves half the bytes.
 
     Returns:
-        ``(lowres (B, C, h, w), hires (B, C, H_out, W_out))`` float32 tensors on the CPU (C = k with PCA).
+        ``(lowres (B, C, h, w), hires (B, C, H_out, W_out))`` tensors of ``out_dtype`` on the CPU (C = k with PCA).
     """
     import torch
 
@@ -153,6 +156,7 @@ def featurize_pixels(
     from pipeline.pca import apply_pca
 
     device = next(iter(backbone.parameters())).device
+    dtype = getattr(torch, out_dtype)
     lows, highs = [], []
     with torch.inference_mode():
         for start in range(0, len(pixels), batch_size):
@@ -167,8 +171,8 @@ def featurize_pixels(
                 high = upsampler(low, x, output_size)
                 if pca is not None:
                     low, high = apply_pca(low, pca), apply_pca(high, pca)
-            lows.append(low.float().cpu())
-            highs.append(high.float().cpu())
+            lows.append(low.to(dtype).cpu())
+            highs.append(high.to(dtype).cpu())
     return torch.cat(lows), torch.cat(highs)
 
 
@@ -238,6 +242,7 @@ class Featurizer:
             output_size=self.spec.output_size,
             batch_size=self.spec.batch_size,
             pca=self.pca,
+            out_dtype=self.spec.dtype,
         )
         return self._output(batch, ok, low, high)
 
