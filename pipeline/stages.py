@@ -158,6 +158,8 @@ def featurize_pixels(
     device = next(iter(backbone.parameters())).device
     dtype = getattr(torch, out_dtype)
     n = len(pixels)
+    if n == 0:
+        raise ValueError("featurize_pixels: no images given (pixels has 0 rows)")
     lows = highs = None
     with torch.inference_mode():
         for start in range(0, len(pixels), batch_size):

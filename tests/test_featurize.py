@@ -262,3 +262,29 @@ def test_pca_basis_and_projection_before_upsampling_commutes():
     assert getattr(up, "channel_agnostic", False)
     image = torch.randn(4, 3, 24, 24, generator=g)
     torch.testing.assert_close(apply_pca(up(feats, image), b), up(apply_pca(feats, b), image), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_featurizer_stage_store_dtypes_equal_the_float32_output_cast(bad_folder, dtype):
+    """The cast to the store dtype happens on the model's device, into the buffer that is returned as is when
+    every row featurized: it must equal casting the float32 output (bfloat16 travels as its uint16 bits)."""
+    from pipeline.decode import decode_image
+    from pipeline.stages import Featurizer, ModelSpec
+
+    folder, _ = bad_folder
+    px = np.stack([decode_image((folder / n).read_bytes(), size=(SIZE, SIZE)).pixels
+                   for n in ("a_photo.jpg", "l_photo.jpg")])
+    batch = {"shard": np.array([0]), "n": np.array([2]), "pixels": px[None], "ok": np.ones((1, 2), bool),
+             "orig_size": np.zeros((1, 2, 2), np.int32), "valid_size": np.zeros((1, 2, 2), np.int32),
+             "meta": np.array(["{}"], dtype=object)}
+    want = Featurizer(ModelSpec("efficientnet_lite0", "random", None, (32, 32), "float32", 1))(batch)
+    got = Featurizer(ModelSpec("efficientnet_lite0", "random", None, (32, 32), dtype, 1))(batch)
+    for key in ("lowres", "hires"):
+        expect = torch.from_numpy(want[key]).to(getattr(torch, dtype))
+        if dtype == "bfloat16":
+            assert got[key].dtype == np.uint16
+            expect = expect.view(torch.int16).numpy().view(np.uint16)
+        else:
+            expect = expect.numpy()
+        assert got[key].shape == want[key].shape and np.array_equal(got[key], expect), key
+    assert got["status"].tolist() == [[1, 1]]
