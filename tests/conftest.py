@@ -5,6 +5,7 @@ starts, so Ray workers inherit them and s3fs finds the server through ``AWS_ENDP
 """
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -94,6 +95,18 @@ def s3_bucket(s3_server, request) -> str:
         fs.mkdir(name)
     yield f"s3://{name}"
     fs.rm(name, recursive=True)
+
+
+@pytest.fixture(autouse=True)
+def _collect_ray_garbage(request: pytest.FixtureRequest):
+    """After a test that used the session's Ray, collect its garbage (datasets, actor handles, object refs) now.
+
+    Otherwise the cyclic collector runs at an arbitrary later moment, possibly while the next test submits a task:
+    seen as a deterministic hang (a worker-lease reply that never reached the driver, CoreWorker::Get waiting
+    forever) in one test order, gone with a gc.collect() before the submit (see docs/infra.md)."""
+    yield
+    if "ray_local" in request.fixturenames:
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
