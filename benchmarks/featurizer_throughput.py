@@ -39,32 +39,32 @@ class _BackboneOnly:
         return feats
 
 
-def _pixels(n: int, size: tuple[int, int]) -> np.ndarray:
-    from pipeline.decode import decode_image
+def _units(n: int, unit_rows: int, size: tuple[int, int]) -> list[dict[str, np.ndarray]]:
+    """``n`` images (the sample photos, cycled) decoded by the pipeline's own decode stage into work units of
+    ``unit_rows`` rows: exactly what the Featurizer actors receive. Decoded up front, so it is not timed."""
+    from pipeline.stages import DecodeSpec, decode_units
 
-    photos = sorted((REPO / "pipeline" / "samples").glob("*.jpg"))
-    decoded = [decode_image(p.read_bytes(), size=size, policy="crop").pixels for p in photos]
-    return np.stack([decoded[i % len(decoded)] for i in range(n)])
+    photos = [str(p) for p in sorted((REPO / "pipeline" / "samples").glob("*.jpg"))]
+    uris = [photos[i % len(photos)] for i in range(n)]
+    spec = DecodeSpec(input_size=size, policy="crop", min_side=1, rows_per_shard=unit_rows)
+    units = []
+    for k, start in enumerate(range(0, n, unit_rows)):
+        meta = {"image_id": list(range(start, min(n, start + unit_rows))), "uri": uris[start : start + unit_rows]}
+        units.append(decode_units({"shard": np.array([k]), "start": np.array([start]),
+                                   "meta": np.array([json.dumps(meta)], dtype=object)}, spec))
+    return units
 
 
-def _unit(pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """One work unit as the decode stage emits it: all rows decoded."""
-    s = len(pixels)
-    hw = np.tile(np.asarray(pixels.shape[1:3], dtype=np.int32), (1, s, 1))
-    return {"shard": np.array([0]), "n": np.array([s]), "pixels": pixels[None], "ok": np.ones((1, s), dtype=bool),
-            "orig_size": hw, "valid_size": hw,
-            "meta": np.array([json.dumps({"image_id": list(range(s)), "error": [""] * s})], dtype=object)}
-
-
-def _time(stage: Any, pixels: np.ndarray, unit_rows: int) -> dict[str, float]:
-    stage(_unit(pixels[:unit_rows]))  # warm-up: cuDNN plans, kernel compilation, allocator
+def _time(stage: Any, units: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    stage(units[0])  # warm-up: cuDNN plans, kernel compilation, allocator
     t0 = time.perf_counter()
-    out_bytes = 0
-    for start in range(0, len(pixels), unit_rows):
-        out = stage(_unit(pixels[start : start + unit_rows]))
+    out_bytes = images = 0
+    for unit in units:
+        out = stage(unit)
         out_bytes += out["hires"].nbytes + out["lowres"].nbytes
+        images += int(unit["n"].sum())
     seconds = time.perf_counter() - t0
-    return {"images_per_s": len(pixels) / seconds, "seconds": seconds, "store_mb_per_s": out_bytes / seconds / 1e6}
+    return {"images_per_s": images / seconds, "seconds": seconds, "store_mb_per_s": out_bytes / seconds / 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         jbu_path = str(Path(tmp) / "jbu")
         save_upsampler(jbu_path, JBUUpsampler().eval())  # feature-agnostic JBU, untrained: the same cost as trained
         variants = {"backbone only": None, "bilinear": None, "bilateral (job default)": None, "JBU checkpoint": jbu_path}
-        pixels = _pixels(args.images, size)
+        units = _units(args.images, args.unit_rows, size)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         name = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPUs"
         print(f"featurizer throughput on {device} ({name}): {args.backbone} ({args.weights}), {size[0]}^2 -> "
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage.spec = dataclasses.replace(stage.spec, output_size=low)
             elif label == "bilinear":
                 stage.upsampler = BilinearUpsampler().to(stage.device)
-            r = _time(stage, pixels, args.unit_rows)
+            r = _time(stage, units)
             results["rows"][label] = r
             print(f"  {label:26s} {r['images_per_s']:8.1f} img/s  {r['store_mb_per_s']:8.1f} MB/s of features",
                   flush=True)

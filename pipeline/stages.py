@@ -271,8 +271,8 @@ class Featurizer:
             hires_t = torch.zeros((units * s, c, *self.spec.output_size), dtype=dt)
             if good.size:
                 rows = torch.from_numpy(good)
-                lowres_t.index_copy_(0, rows, low.to(dt))
-                hires_t.index_copy_(0, rows, high.to(dt))
+                lowres_t.index_copy_(0, rows, low)  # already in the store dtype (featurize_pixels' out_dtype)
+                hires_t.index_copy_(0, rows, high)
             lowres, hires = _to_store_dtype(lowres_t, self.spec.dtype), _to_store_dtype(hires_t, self.spec.dtype)
         status = np.where(ok, 1, 2).astype(np.uint8)
         return {

@@ -214,6 +214,14 @@ def test_size_settings_are_checked_with_one_line(bad_folder, tmp_path):
     assert not (tmp_path / "n.zarr").exists()
 
 
+def _unit(pixels: np.ndarray, ok: list[bool]) -> dict[str, np.ndarray]:
+    """One work unit as the decode stage hands it to the Featurizer: ``pixels (S, H, W, 3)``, ``ok`` per row."""
+    s = len(ok)
+    return {"shard": np.array([0]), "n": np.array([s]), "pixels": pixels[None], "ok": np.array([ok]),
+            "orig_size": np.zeros((1, s, 2), np.int32), "valid_size": np.zeros((1, s, 2), np.int32),
+            "meta": np.array(["{}"], dtype=object)}
+
+
 def test_featurizer_stage_applies_the_stored_pca_basis(bad_folder):
     """The actor class itself (no Ray): PCA from the store attributes, failed rows zero, status per row."""
     import featup_ops
@@ -232,10 +240,7 @@ def test_featurizer_stage_applies_the_stored_pca_basis(bad_folder):
         high = featup_ops.BilateralUpsampler()(low, x, (32, 32))
     basis = fit_pca(low, 4)
     stage = Featurizer(ModelSpec("efficientnet_lite0", "random", None, (32, 32), "float32", 2, pca=basis.to_dict()))
-    batch = {"shard": np.array([0]), "n": np.array([3]), "pixels": np.stack([px[0], np.zeros_like(px[0]), px[1]])[None],
-             "ok": np.array([[True, False, True]]), "orig_size": np.zeros((1, 3, 2), np.int32),
-             "valid_size": np.zeros((1, 3, 2), np.int32), "meta": np.array(["{}"], dtype=object)}
-    out = stage(batch)
+    out = stage(_unit(np.stack([px[0], np.zeros_like(px[0]), px[1]]), [True, False, True]))
     assert out["hires"].shape == (1, 3, 4, 32, 32) and out["lowres"].shape == (1, 3, 4, 2, 2)
     assert list(out["status"][0]) == [1, 2, 1] and not out["hires"][0, 1].any()
     expect = apply_pca(high, basis).numpy()
@@ -274,9 +279,7 @@ def test_featurizer_stage_store_dtypes_equal_the_float32_output_cast(bad_folder,
     folder, _ = bad_folder
     px = np.stack([decode_image((folder / n).read_bytes(), size=(SIZE, SIZE)).pixels
                    for n in ("a_photo.jpg", "l_photo.jpg")])
-    batch = {"shard": np.array([0]), "n": np.array([2]), "pixels": px[None], "ok": np.ones((1, 2), bool),
-             "orig_size": np.zeros((1, 2, 2), np.int32), "valid_size": np.zeros((1, 2, 2), np.int32),
-             "meta": np.array(["{}"], dtype=object)}
+    batch = _unit(px, [True, True])
     want = Featurizer(ModelSpec("efficientnet_lite0", "random", None, (32, 32), "float32", 1))(batch)
     got = Featurizer(ModelSpec("efficientnet_lite0", "random", None, (32, 32), dtype, 1))(batch)
     for key in ("lowres", "hires"):
