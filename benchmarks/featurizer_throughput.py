@@ -1,4 +1,4 @@
-"""Throughput of one featurizer actor's model work: images/s of ``pipeline.stages.Featurizer`` per upsampler.
+"""Throughput of one featurizer actor's model work: images/s of ``pipeline.featurize.stages.Featurizer`` per upsampler.
 
 What a GPU (or CPU) actor of the featurize job does per batch of decoded images: normalise, backbone, upsampler,
 cast to the store dtype, copy to host memory. Decode (CPU tasks) and the Zarr write (sink tasks) run beside it in
@@ -42,7 +42,7 @@ class _BackboneOnly:
 def _units(n: int, unit_rows: int, size: tuple[int, int]) -> list[dict[str, np.ndarray]]:
     """``n`` images (the sample photos, cycled) decoded by the pipeline's own decode stage into work units of
     ``unit_rows`` rows: exactly what the Featurizer actors receive. Decoded up front, so it is not timed."""
-    from pipeline.stages import DecodeSpec, decode_units
+    from pipeline.featurize.stages import DecodeSpec, decode_units
 
     photos = [str(p) for p in sorted((REPO / "pipeline" / "samples").glob("*.jpg"))]
     uris = [photos[i % len(photos)] for i in range(n)]
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from featup_ops import BilinearUpsampler, JBUUpsampler, save_upsampler
-    from pipeline.stages import Featurizer, ModelSpec
+    from pipeline.featurize.stages import Featurizer, ModelSpec
 
     size, out_size = (args.input_size,) * 2, (args.output_size,) * 2
     with tempfile.TemporaryDirectory() as tmp:

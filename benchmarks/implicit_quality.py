@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     import featup_ops
     from featup_ops.config import IMPLICIT_PRESETS
     from featup_ops.multiview import fixed_views, reconstruction_error
-    from pipeline.decode import decode_image, normalize
+    from pipeline.io.decode import decode_image, normalize
 
     dev = torch.device(args.device)
     if args.size is None:
@@ -162,7 +162,7 @@ def _extrapolate_paper(args: argparse.Namespace, backbone, dev, size) -> dict:
     """Paper-preset seconds per image from two truncated fits of the first image (see the module docstring)."""
     import featup_ops
     from featup_ops.config import IMPLICIT_PRESETS
-    from pipeline.decode import decode_image, normalize
+    from pipeline.io.decode import decode_image, normalize
 
     paper = IMPLICIT_PRESETS["paper"]
     path = REPO / "pipeline" / "samples" / f"{Path(args.images[0]).stem}.jpg"

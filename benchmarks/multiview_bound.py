@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from featup_ops.jitter import apply_jitter, sample_jitter
     from featup_ops.multiview import fixed_views, reconstruction_error
     from featup_ops.config import TrainConfig
-    from pipeline.decode import decode_image, normalize
+    from pipeline.io.decode import decode_image, normalize
     from pipeline.train import VAL_SEED, VAL_VIEWS
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@
 #   FEATUP_WORKER_NAME=gpu2 infra/start_ray_worker.sh --num-gpus 1
 #
 # On a machine without GPUs, `--num-gpus 1` makes a stand-in "GPU node": Ray schedules the featurizer actors
-# (num_gpus=1 each, pipeline/featurize.py) only there, and they run on its CPU since CUDA is absent. That is how
+# (num_gpus=1 each, pipeline/featurize/plan.py) only there, and they run on its CPU since CUDA is absent. That is how
 # tests/test_multinode.py forces work onto both nodes. FEATUP_WORKER_RESOURCES adds custom resources.
 # Each node keeps its own Ray temp dir ($FEATUP_RAY_DIR/node-NAME): nodes sharing the head's would share its
 # runtime_resources/ folder, and one node's runtime-env agent then deletes the job working dir another node's

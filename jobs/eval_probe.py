@@ -26,8 +26,8 @@ if str(REPO) not in sys.path:  # runnable as `python jobs/eval_probe.py` without
     sys.path.insert(0, str(REPO))
 
 from pipeline.cli import run_job  # noqa: E402
-from pipeline.labels import LabelSource  # noqa: E402
-from pipeline.probe import ProbeConfig, ProbeRun, run_probe, split_ids, summarize  # noqa: E402
+from pipeline.evaluate.labels import LabelSource  # noqa: E402
+from pipeline.evaluate.probe import ProbeConfig, ProbeRun, run_probe, split_ids, summarize  # noqa: E402
 
 
 def _store_arg(text: str) -> tuple[str, str, str]:
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_runs(args: argparse.Namespace) -> list[ProbeRun]:
     """One ProbeRun per (store, seed[, preservation]) on the image ids complete in every store."""
-    from pipeline.dataset import complete_image_ids
+    from pipeline.read.dataset import complete_image_ids
 
     labels = LabelSource(args.labels, args.label_kind, suffix=args.label_suffix, num_classes=args.num_classes,
                          reduce_zero_label=args.reduce_zero_label, depth_scale=args.depth_scale)

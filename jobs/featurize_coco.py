@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _demo_pictures(store: str, out_dir: Path = Path("out") / "demo_pictures") -> None:
     """PCA pictures (image | low-res | high-res, one basis per image) of the demo store's first complete rows."""
     from pipeline.store import complete_rows, open_store
-    from pipeline.visualize import render_store_rows
+    from pipeline.evaluate.visualize import render_store_rows
 
     rows = [int(r) for r in complete_rows(open_store(store))[:DEMO_PICTURES]]
     for path in render_store_rows(store, rows, out_dir):

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.featurize import init_ray
-    from pipeline.implicit_stage import FitImplicitConfig, ImplicitStageConfig, default_implicit_gpus, run_fit_implicit
+    from pipeline.cli import init_ray
+    from pipeline.featurize.implicit import FitImplicitConfig, ImplicitStageConfig, default_implicit_gpus, run_fit_implicit
 
     init_ray()
     stage = ImplicitStageConfig(

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.visualize import render_image, render_store_rows
+    from pipeline.evaluate.visualize import render_image, render_store_rows
 
     if args.store:
         paths = render_store_rows(args.store, args.rows, args.out, array=args.array)

@@ -1,35 +1,39 @@
-"""Ray Data pipeline around featup_ops: sources, decode, featurizer stages, the Zarr feature store and its
-Datasink, the torch Dataset over stores, and the Ray Train wiring. Names are imported lazily."""
+"""Ray Data pipeline around featup_ops, one sub-package per step of the data flow:
+
+``io`` (storage, sources, decode) -> ``featurize`` (settings, stages, implicit stage, plan) -> ``store`` (the Zarr v3
+layout, create/open/write/read, the Datasink) -> ``read`` (the torch Dataset over stores) -> ``train`` (Ray Train)
+and ``evaluate`` (labels, probes, pictures). ``cli`` and ``errors`` are shared by all. The names below are imported
+lazily (``import pipeline`` does no work)."""
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
-    "build_manifest": "sources",
-    "Manifest": "sources",
+    "build_manifest": "io.sources",
+    "Manifest": "io.sources",
     "FeaturizeConfig": "featurize",
     "TrainJobConfig": "train",
     "build_trainer": "train",
     "run_training": "train",
     "run_featurize": "featurize",
-    "ImplicitStageConfig": "implicit_stage",
-    "FitImplicitConfig": "implicit_stage",
-    "run_fit_implicit": "implicit_stage",
+    "ImplicitStageConfig": "featurize.implicit",
+    "FitImplicitConfig": "featurize.implicit",
+    "run_fit_implicit": "featurize.implicit",
     "open_store": "store",
     "store_summary": "store",
     "complete_rows": "store",
     "read_attrs": "store",
-    "read_bytes": "sources",
-    "decode_image": "decode",
-    "ZarrFeatureDatasink": "sink",
+    "read_bytes": "io.sources",
+    "decode_image": "io.decode",
+    "ZarrFeatureDatasink": "store.sink",
     "PipelineError": "errors",
-    "FeatureDataset": "dataset",
-    "ShardBatchSampler": "dataset",
-    "collate_features": "dataset",
-    "LabelSource": "labels",
-    "ProbeConfig": "probe",
-    "pca_rgb": "visualize",
+    "FeatureDataset": "read.dataset",
+    "ShardBatchSampler": "read.dataset",
+    "collate_features": "read.dataset",
+    "LabelSource": "evaluate.labels",
+    "ProbeConfig": "evaluate.probe",
+    "pca_rgb": "evaluate.visualize",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,13 +1,15 @@
-"""What every job entry point shares: a bad input ends the job with one line on stderr, not a traceback."""
+"""What every job entry point shares: a bad input ends the job with one line on stderr, not a traceback; Ray is
+started (or joined) by one function, :func:`init_ray`."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["user_errors", "run_job", "json_object"]
+__all__ = ["user_errors", "run_job", "json_object", "init_ray"]
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -37,3 +39,26 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"anon\": true}}', got {text!r}")
     return value
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray on 127.0.0.1.
+
+    The local Ray has no dashboard and binds loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray's job API
+    and dashboard have no authentication, so a local head must not listen on the network).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+    )

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.dataset import FeatureDataset, ShardBatchSampler
+from pipeline.read.dataset import FeatureDataset, ShardBatchSampler
 from pipeline.errors import ConfigError, StoreError
-from pipeline.decode import decode_image
-from pipeline.labels import (
+from pipeline.io.decode import decode_image
+from pipeline.evaluate.labels import (
     COCO_STUFF_FINE_TO_COARSE,
     IGNORE_INDEX,
     LabelSource,
@@ -235,7 +235,7 @@ def test_coco_stuff_labels_through_dataset(tmp_path):
 
 def test_loader_batches_without_stacking_copy(tmp_path):
     """__getitems__ writes one batch tensor; collate_features hands it on as is (same memory), values intact."""
-    from pipeline.dataset import collate_features
+    from pipeline.read.dataset import collate_features
 
     uri = str(tmp_path / "s.zarr")
     values = make_store(uri)
@@ -297,7 +297,7 @@ def _check_featurized(uri: str) -> None:
 
 @pytest.mark.slow
 def test_featurized_store_local(featurized):
-    from pipeline.dataset import describe
+    from pipeline.read.dataset import describe
 
     _check_featurized(featurized)
     text = describe(featurized)
@@ -314,7 +314,7 @@ def test_featurized_store_s3(featurized, s3_bucket):
 
 @pytest.mark.slow
 def test_store_rows_picture(featurized, tmp_path):
-    from pipeline.visualize import PANEL_GAP, render_store_rows
+    from pipeline.evaluate.visualize import PANEL_GAP, render_store_rows
 
     paths = render_store_rows(featurized, [0, 3], tmp_path)
     assert [p.name for p in paths] == ["row000000_a.jpg.png", "row000003_d.jpg.png"]
@@ -328,7 +328,7 @@ def test_store_rows_picture(featurized, tmp_path):
 
 def test_label_kinds_folder_fine_and_depth(tmp_path):
     """VOC/ADE-style folders (raw indices, optional zero reduction and lookup), COCO-Stuff 171, 16-bit depth."""
-    from pipeline.labels import COCO_STUFF_UNUSED_FINE_IDS
+    from pipeline.evaluate.labels import COCO_STUFF_UNUSED_FINE_IDS
 
     raw = np.array([[0, 1, 2], [150, 255, 7]], np.uint8)
     (tmp_path / "sub").mkdir()

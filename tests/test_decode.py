@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.decode import BACKGROUND, MAX_PIXELS, decode_image, normalize
+from pipeline.io.decode import BACKGROUND, MAX_PIXELS, decode_image, normalize
 from pipeline.errors import DecodeError, PipelineError
 
 SIZE = (32, 32)

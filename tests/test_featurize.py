@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipeline.errors import InputNotFoundError, StoreMismatchError
 from pipeline.featurize import FeaturizeConfig, run_featurize
-from pipeline.sink import CRASH_ENV
+from pipeline.store.sink import CRASH_ENV
 from pipeline.store import open_store, read_attrs, store_summary
 
 from test_decode import corrupt_png, png_header_only
@@ -98,7 +98,7 @@ def test_bad_inputs_become_failed_rows_and_the_job_finishes(clean_run, bad_folde
 def test_stored_features_equal_featup_ops_run_directly(clean_run, bad_folder):
     import featup_ops
 
-    from pipeline.decode import decode_image, normalize
+    from pipeline.io.decode import decode_image, normalize
 
     out, _ = clean_run
     folder, _ = bad_folder
@@ -180,8 +180,8 @@ def test_non_square_input_and_output_sizes(ray_local, bad_folder, tmp_path):
     the stored features equal featup_ops run directly on the same decoded pixels."""
     import featup_ops
 
-    from pipeline.dataset import FeatureDataset
-    from pipeline.decode import decode_image, normalize
+    from pipeline.read.dataset import FeatureDataset
+    from pipeline.io.decode import decode_image, normalize
 
     folder, _ = bad_folder
     out = str(tmp_path / "wide.zarr")
@@ -226,9 +226,9 @@ def test_featurizer_stage_applies_the_stored_pca_basis(bad_folder):
     """The actor class itself (no Ray): PCA from the store attributes, failed rows zero, status per row."""
     import featup_ops
 
-    from pipeline.decode import decode_image, normalize
-    from pipeline.pca import apply_pca, fit_pca
-    from pipeline.stages import Featurizer, ModelSpec
+    from pipeline.io.decode import decode_image, normalize
+    from featup_ops.pca import apply_pca, fit_pca
+    from pipeline.featurize.stages import Featurizer, ModelSpec
 
     folder, _ = bad_folder
     px = np.stack([decode_image((folder / n).read_bytes(), size=(SIZE, SIZE)).pixels
@@ -252,7 +252,7 @@ def test_pca_basis_and_projection_before_upsampling_commutes():
     """PCA fit is deterministic and exact; projecting before a channel-agnostic upsampler equals projecting after."""
     import featup_ops
 
-    from pipeline.pca import PCABasis, apply_pca, fit_pca
+    from featup_ops.pca import PCABasis, apply_pca, fit_pca
 
     g = torch.Generator().manual_seed(0)
     basis_dirs = torch.linalg.qr(torch.randn(16, 16, generator=g))[0][:, :3]  # 3 true directions in 16 channels
@@ -273,8 +273,8 @@ def test_pca_basis_and_projection_before_upsampling_commutes():
 def test_featurizer_stage_store_dtypes_equal_the_float32_output_cast(bad_folder, dtype):
     """The cast to the store dtype happens on the model's device, into the buffer that is returned as is when
     every row featurized: it must equal casting the float32 output (bfloat16 travels as its uint16 bits)."""
-    from pipeline.decode import decode_image
-    from pipeline.stages import Featurizer, ModelSpec
+    from pipeline.io.decode import decode_image
+    from pipeline.featurize.stages import Featurizer, ModelSpec
 
     folder, _ = bad_folder
     px = np.stack([decode_image((folder / n).read_bytes(), size=(SIZE, SIZE)).pixels

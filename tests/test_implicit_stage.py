@@ -32,7 +32,7 @@ def _tiny_cfg():
 
 
 def _stage(**kw):
-    from pipeline.implicit_stage import ImplicitStageConfig
+    from pipeline.featurize.implicit import ImplicitStageConfig
 
     return ImplicitStageConfig(
         implicit_cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, cpus_per_actor=0.5, seed=SEED, **kw
@@ -91,14 +91,13 @@ def _reset_implicit(store: str) -> None:
 
 def _fit_in_process(store: str, stage, rows=None, limit=None) -> dict[str, int]:
     """The second pass's stages (decode_units -> ImplicitFitter) run in this process, one unit at a time, no Ray."""
-    from pipeline.implicit_stage import (
-        ImplicitFitter, _decode_spec, add_implicit_arrays, implicit_units, pending_implicit_rows,
-    )
-    from pipeline.stages import decode_units
+    from pipeline.featurize.implicit import ImplicitFitter, _decode_spec, implicit_units
+    from pipeline.featurize.stages import decode_units
     from pipeline.store import open_store, read_attrs
+    from pipeline.store.implicit import add_implicit_arrays, pending_implicit_rows
 
     g = open_store(store, mode="r+")
-    add_implicit_arrays(g, stage)
+    add_implicit_arrays(g, **stage.fit_identity())
     pending = pending_implicit_rows(g, rows, limit)
     ids, uris = ([str(v) for v in np.asarray(g[name][:]).tolist()] for name in ("image_id", "uri"))
     units = implicit_units(pending, ROWS_PER_SHARD, ids, uris)
@@ -121,8 +120,9 @@ def _fit_in_process(store: str, stage, rows=None, limit=None) -> dict[str, int]:
 def test_stage_rows_equal_direct_fit(made):
     """Rows written by the Ray actors equal fitting the same decoded image directly (fixed seed, non-square size)."""
     import featup_ops
-    from pipeline.decode import decode_image
-    from pipeline.implicit_stage import ATTRS_KEY, fit_pixels
+    from pipeline.io.decode import decode_image
+    from pipeline.featurize.implicit import fit_pixels
+    from pipeline.store.implicit import ATTRS_KEY
     from pipeline.store import open_store
 
     feats, status, errors = _read(made["store"])
@@ -154,7 +154,7 @@ def test_stage_rows_equal_direct_fit(made):
 
 def test_second_pass_resumes_after_crash(made):
     """Crash after one shard (and mid-way through the next), rerun: the same bytes as the uninterrupted run."""
-    from pipeline.implicit_stage import FitImplicitConfig, run_fit_implicit
+    from pipeline.featurize.implicit import FitImplicitConfig, run_fit_implicit
     from pipeline.store import open_store
 
     want, _, _ = _read(made["store"])
@@ -183,7 +183,7 @@ def test_second_pass_bad_rows_and_subset(made):
     Runs the plan's two stages in-process (the Ray plan itself is covered above) to keep the suite fast.
     """
     from pipeline.errors import StoreMismatchError
-    from pipeline.implicit_stage import FitImplicitConfig, ImplicitStageConfig, run_fit_implicit
+    from pipeline.featurize.implicit import FitImplicitConfig, ImplicitStageConfig, run_fit_implicit
     from pipeline.store import open_store
 
     want, _, _ = _read(made["store"])
@@ -219,7 +219,7 @@ def test_job_cli(made, capsys):
     """``jobs/fit_implicit.py``: adds the arrays at the store's hires size by default; bad input is one line, rc 2."""
     import importlib.util
 
-    from pipeline.implicit_stage import ATTRS_KEY
+    from pipeline.store.implicit import ATTRS_KEY
     from pipeline.store import open_store
 
     store = _copy(made, "cli.zarr")
@@ -247,10 +247,10 @@ def test_store_picture_of_implicit_rows_when_some_rows_have_none(made, tmp_path)
     import torch
     from PIL import Image
 
-    from pipeline.dataset import FeatureDataset
+    from pipeline.read.dataset import FeatureDataset
     from pipeline.errors import StoreError
     from pipeline.store import open_store
-    from pipeline.visualize import feature_picture, render_store_rows
+    from pipeline.evaluate.visualize import feature_picture, render_store_rows
 
     store = _copy(made, "partial.zarr")
     open_store(store, mode="r+")["implicit_status"][0] = 0

@@ -140,9 +140,8 @@ def _ray_resources_in(source: Path) -> set[str]:
 
 def _pipeline_resources() -> set[str]:
     names = set()
-    for module in ("featurize.py", "train.py"):
-        path = REPO / "pipeline" / module
-        if path.exists():
+    for package in ("featurize", "train"):
+        for path in sorted((REPO / "pipeline" / package).glob("*.py")):
             names |= _ray_resources_in(path)
     return names
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 from featup_ops import JBUUpsampler, MultiViewObjective, fit_implicit, save_upsampler
 from featup_ops.config import JBUConfig
 from kernels import backend_for
-from pipeline.stages import DecodeSpec, Featurizer, ModelSpec, decode_units, featurize_pixels
+from pipeline.featurize.stages import DecodeSpec, Featurizer, ModelSpec, decode_units, featurize_pixels
 
 from conftest import SAMPLES
 from test_implicit import TINY

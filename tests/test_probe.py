@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.probe import (
+from pipeline.evaluate.probe import (
     IGNORE_INDEX,
     ProbeConfig,
     _schedule,
@@ -116,7 +116,7 @@ def _labelled_store(uri: str, labels_dir, *, encode: bool, n: int = 12, seed: in
     import numpy as np
     from PIL import Image
 
-    from pipeline.labels import COCO_STUFF_FINE_TO_COARSE
+    from pipeline.evaluate.labels import COCO_STUFF_FINE_TO_COARSE
     from pipeline.store import FeatureStoreSchema, Status, create_or_open_store, write_shard
 
     fine_ids = [0, 93, 105, 170]  # person, branch, clouds, wall-brick -> coarse 9, 22, 23, 18

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputNotFoundError
-from pipeline.sources import build_manifest, read_bytes, read_many
+from pipeline.io.sources import build_manifest, read_bytes, read_many
 
 NAMES = ["bird_full.jpg", "cones2.jpg", "plant.jpg"]
 

@@ -13,8 +13,8 @@ from _local_infra import free_port
 
 from featup_ops.errors import FeatupError
 from pipeline.errors import InputNotFoundError, StorageAccessError
-from pipeline.sources import build_manifest
-from pipeline.storage import check_writable
+from pipeline.io.sources import build_manifest
+from pipeline.io.storage import check_writable
 from pipeline.store import open_store
 from pipeline.train import TrainJobConfig, run_training
 
@@ -140,7 +140,7 @@ def test_storage_options_must_be_a_json_object(job, text, message, tmp_path, cap
 
 
 def test_missing_labels_folder_is_named(tmp_path, s3_bucket, no_credentials):
-    from pipeline.labels import LabelSource
+    from pipeline.evaluate.labels import LabelSource
 
     with pytest.raises(InputNotFoundError, match=f"labels '{tmp_path / 'none'}' do not exist; check --labels"):
         LabelSource(str(tmp_path / "none"), "coco-stuff-27").read("1")

@@ -200,7 +200,7 @@ def test_exported_upsampler_round_trips_into_load_upsampler_and_featurize(runs, 
 
 def _in_process_model(names, **kw):
     from featup_ops import load_backbone
-    from pipeline.train import _TrainModel
+    from pipeline.train.loop import _TrainModel
 
     weights = {"efficientnet_lite0": None, "vit_s16": "random"}
     backbones = {n: load_backbone(n, weights[n]) for n in names}
@@ -210,7 +210,7 @@ def _in_process_model(names, **kw):
 
 
 def test_multi_backbone_training_shares_one_upsampler_and_keeps_a_head_per_backbone():
-    from pipeline.train import _normalize
+    from pipeline.train.loop import _normalize
 
     cfg, model = _in_process_model(["efficientnet_lite0", "vit_s16"], val_views=2)
     assert model.upsampler.dim is None  # feature-agnostic

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.visualize import PANEL_GAP, feature_picture, fit_pca, pca_rgb, render_image, save_png
+from pipeline.evaluate.visualize import PANEL_GAP, feature_picture, fit_pca, pca_rgb, render_image, save_png
 
 
 def _is_png(path) -> bool:

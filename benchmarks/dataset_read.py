@@ -9,12 +9,13 @@ The store is written with ``pipeline.store``'s writer and the codec given (defau
 features are smooth like real upsampled features (bilinear upsampling of random low-res maps), so compression
 behaves as it does on real stores.
 
-Run: ``python -m pipeline.bench_dataset [--rows 96] [--channels 128] [--size 112] [--batch-size 8] [--workers 0 2]``
+Run: ``python -m benchmarks.dataset_read [--rows 96] [--channels 128] [--size 112] [--batch-size 8] [--workers 0 2]``
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.dataset import FeatureDataset
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable as python benchmarks/<name>.py too
+
+from pipeline.read.dataset import FeatureDataset
 from pipeline.store import (
     DEFAULT_CODEC,
     FeatureStoreSchema,

@@ -17,16 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode import MAX_PIXELS, decode_image
+from pipeline.io.decode import MAX_PIXELS, decode_image
 from pipeline.errors import DecodeError
-from pipeline.sources import read_many
+from pipeline.io.sources import read_many
+from pipeline.store.schema import Status, to_store_dtype
 
 __all__ = ["DecodeSpec", "ModelSpec", "decode_units", "Featurizer", "featurize_pixels"]
 
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """How the decode stage turns bytes into pixels (see :func:`pipeline.decode.decode_image`)."""
+    """How the decode stage turns bytes into pixels (see :func:`pipeline.io.decode.decode_image`)."""
 
     input_size: tuple[int, int]
     policy: str
@@ -48,7 +49,7 @@ class ModelSpec:
         output_size: ``(H, W)`` of the high-res features.
         dtype: store dtype name (``float16``, ``bfloat16``, ``float32``).
         batch_size: images per forward pass.
-        pca: a :class:`pipeline.pca.PCABasis` ``to_dict()`` or None.
+        pca: a :class:`featup_ops.pca.PCABasis` ``to_dict()`` or None.
         storage_options: fsspec options for weights / checkpoint URIs.
         torch_threads: intra-op threads of the actor's torch (None: :func:`default_torch_threads`).
     """
@@ -117,14 +118,6 @@ def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
     }
 
 
-def _to_store_dtype(t: Any, dtype: str) -> np.ndarray:
-    import torch
-
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return t.to(getattr(torch, dtype)).numpy()
-
-
 def featurize_pixels(
     pixels: np.ndarray,
     backbone: Any,
@@ -143,7 +136,7 @@ def featurize_pixels(
         upsampler: a ``featup_ops`` upsampler (``up(feats, image, output_size)``).
         output_size: ``(H_out, W_out)``.
         batch_size: images per forward pass.
-        pca: a :class:`pipeline.pca.PCABasis` applied to both outputs, or None.
+        pca: a :class:`featup_ops.pca.PCABasis` applied to both outputs, or None.
         out_dtype: dtype of the returned tensors (``float32``, ``float16``, ``bfloat16``). The cast happens on the
             model's device, before the copy to the host: a GPU actor writing float16 moves half the bytes.
 
@@ -152,8 +145,8 @@ def featurize_pixels(
     """
     import torch
 
-    from pipeline.decode import normalize
-    from pipeline.pca import apply_pca
+    from pipeline.io.decode import normalize
+    from featup_ops.pca import apply_pca
 
     device = next(iter(backbone.parameters())).device
     dtype = getattr(torch, out_dtype)
@@ -216,7 +209,7 @@ class Featurizer:
     def __init__(self, spec: ModelSpec) -> None:
         import torch
 
-        from pipeline.pca import PCABasis
+        from featup_ops.pca import PCABasis
 
         self.spec = spec
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -234,7 +227,7 @@ class Featurizer:
         Returns:
             ``shard``, ``n``, ``orig_size``, ``valid_size``, ``meta`` passed through; ``lowres (U, S, C, h, w)``
             and ``hires (U, S, C, H, W)`` in the store dtype (bfloat16 as uint16 bits; failed rows zero);
-            ``status (U, S) uint8`` (1 complete, 2 failed).
+            ``status (U, S) uint8`` (``Status.COMPLETE`` or ``Status.FAILED``).
         """
         ok = np.asarray(batch["ok"], dtype=bool)
         units, s = ok.shape
@@ -260,7 +253,7 @@ class Featurizer:
         in_h, in_w = np.asarray(batch["pixels"]).shape[2:4]
         stride = self.backbone.stride
         if good.size == units * s:  # every row featurized: the buffers featurize_pixels filled are the output
-            lowres, hires = _to_store_dtype(low, self.spec.dtype), _to_store_dtype(high, self.spec.dtype)
+            lowres, hires = to_store_dtype(low, self.spec.dtype), to_store_dtype(high, self.spec.dtype)
         else:
             # Allocated by torch, not np.zeros: measured on the development VM, the first write to fresh np.zeros
             # pages ran at ~0.46 GB/s, to a fresh torch buffer at ~3.1 GB/s (38 MB per 224^2 C=384 fp16 image).
@@ -273,8 +266,8 @@ class Featurizer:
                 rows = torch.from_numpy(good)
                 lowres_t.index_copy_(0, rows, low)  # already in the store dtype (featurize_pixels' out_dtype)
                 hires_t.index_copy_(0, rows, high)
-            lowres, hires = _to_store_dtype(lowres_t, self.spec.dtype), _to_store_dtype(hires_t, self.spec.dtype)
-        status = np.where(ok, 1, 2).astype(np.uint8)
+            lowres, hires = to_store_dtype(lowres_t, self.spec.dtype), to_store_dtype(hires_t, self.spec.dtype)
+        status = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
         return {
             "shard": batch["shard"],
             "n": batch["n"],

@@ -12,7 +12,7 @@ Kinds (``kind="auto"`` picks one from what the input holds):
   struct as Hugging Face datasets write it, or ``jpg``/``png``/``img``/``image_bytes``/``bytes``); the id comes
   from ``image_id``/``id``/``key``/``__key__`` when present, else ``<file stem>/<row>``.
 
-Every kind works on local paths and on ``s3://`` (see :mod:`pipeline.storage`). Manifest rows never move: row ``i``
+Every kind works on local paths and on ``s3://`` (see :mod:`pipeline.io.storage`). Manifest rows never move: row ``i``
 of the manifest is row ``i`` of the feature store, which is what makes resume possible.
 
 URIs of images inside containers use schemes this module defines, so a store's ``uri`` column says exactly where
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.errors import ConfigError, InputNotFoundError
-from pipeline.storage import describe_failure, filesystem, is_remote
+from pipeline.io.storage import describe_failure, filesystem, is_remote
 
 __all__ = [
     "IMAGE_EXTENSIONS",

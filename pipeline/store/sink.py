@@ -1,8 +1,8 @@
 """``ZarrFeatureDatasink``: the Ray Data sink that writes featurized work units into a feature store.
 
-Each input row is one whole shard (see :mod:`pipeline.stages`), so every shard has exactly one writer, whatever way
+Each input row is one whole shard (see :mod:`pipeline.featurize.stages`), so every shard has exactly one writer, whatever way
 Ray groups rows into blocks and write tasks. The store's arrays are created on the driver before the plan runs
-(:func:`pipeline.store.create_or_open_store`); ``on_write_start`` only checks that the store is there.
+(:func:`pipeline.store.zarr_store.create_or_open_store`); ``on_write_start`` only checks that the store is there.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data._internal.execution.interfaces import TaskContext
 
-from pipeline.store import open_store, write_shard
+from pipeline.store.schema import Status
+from pipeline.store.zarr_store import open_store, write_shard
 
 __all__ = ["ZarrFeatureDatasink", "CRASH_ENV"]
 
@@ -75,8 +76,8 @@ class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
                     raise RuntimeError(f"{CRASH_ENV}: simulated crash while writing shard {shard}")
                 out["bytes"] += write_shard(group, shard, data)
                 out["units"] += 1
-                out["complete"] += int((data["status"] == 1).sum())
-                out["failed"] += int((data["status"] == 2).sum())
+                out["complete"] += int((data["status"] == Status.COMPLETE).sum())
+                out["failed"] += int((data["status"] == Status.FAILED).sum())
                 out["done"].append((time.time(), n))  # (wall time the unit was complete, its rows)
         return out
 

@@ -1,35 +1,9 @@
-"""The feature store: a Zarr v3 group, one per job output. This is the one module that knows its layout.
+"""Opening, creating, writing and reading a feature store (a Zarr v3 group); the layout is :mod:`pipeline.store.schema`.
 
-Layout (N = manifest rows, S = rows per shard, C channels, (h, w) low-res grid, (H, W) output size):
-
-=================  ===================  ====================  ======================================================
-array              shape                chunk / shard         meaning
-=================  ===================  ====================  ======================================================
-``image_id``       ``(N,)`` str         S rows                manifest image id
-``uri``            ``(N,)`` str         S rows                where the row's image came from
-``orig_size``      ``(N, 2)`` int32     S rows                ``(h, w)`` of the image after EXIF rotation
-``valid_size``     ``(N, 2)`` int32     S rows                ``(h, w)`` of the image inside the input (``pad``)
-``lowres``         ``(N, C, h, w)``     1 row / S rows        backbone features
-``hires``          ``(N, C, H, W)``     1 row / S rows        upsampled features
-``implicit``       ``(N, C, Hi, Wi)``   1 row / S rows        optional per-image implicit features
-``implicit_status`` ``(N,)`` uint8      S rows                optional; 1 where ``implicit`` is written
-``error``          ``(N,)`` str         S rows                failure reason, ``""`` for good rows
-``status``         ``(N,)`` uint8       S rows                0 pending, 1 complete, 2 failed; written LAST
-=================  ===================  ====================  ======================================================
-
-Rules:
-
-- **Shard size**: ``S = clamp(floor(TARGET_SHARD_BYTES / bytes of one hires row), 1, MAX_ROWS_PER_SHARD)``; the
-  same S for every row-aligned array, so shard ``k`` of every array covers rows ``[k*S, (k+1)*S)``.
-- **One writer per shard**: the pipeline's unit of work is one shard; :func:`write_shard` writes the unit's whole
-  region of every array (deleting any old shard object first, so a torn shard from a crash is replaced, never
-  merged), then ``status`` last. A row is complete only when ``status == 1``.
-- **Features dtype**: float16 / float32 are stored as such; bfloat16 is stored as its raw ``uint16`` bits (Zarr has
-  no bfloat16) with ``attrs["featup"]["dtype"] == "bfloat16"``; :func:`to_torch` turns either back into a tensor.
-- **Attributes** under the key ``"featup"``: the :class:`FeatureStoreSchema` fields, the job settings (backbone,
-  weights hash, upsampler config and checkpoint hash, input size, stride, normalisation, resize policy, PCA basis,
-  manifest digest), ``fingerprint`` (hash of schema + settings: a rerun with any other value is refused),
-  ``code_version`` and ``created``.
+- :func:`create_or_open_store`: create the arrays and attributes, or reopen a store written with the same settings
+  (resume; other settings are refused with one line naming what differs).
+- :func:`write_shard`: one work unit's whole shard of every array, ``status`` last.
+- :func:`complete_rows`, :func:`pending_shards`, :func:`status_counts`, :func:`store_summary`: reading back.
 """
 from __future__ import annotations
 
@@ -37,174 +11,30 @@ import datetime as _dt
 import hashlib
 import json
 import subprocess
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.errors import ConfigError, StoreError, StoreMismatchError
-from pipeline.storage import access_errors, filesystem, is_remote, resolve_storage_options
-
-if TYPE_CHECKING:
-    import torch
+from pipeline.errors import StoreError, StoreMismatchError
+from pipeline.fmt import fmt_bytes
+from pipeline.io.storage import access_errors, filesystem, is_remote, resolve_storage_options
+from pipeline.store.schema import ATTRS_KEY, CODECS, FeatureStoreSchema, Status
 
 __all__ = [
-    "ATTRS_KEY",
-    "CODECS",
-    "DEFAULT_CODEC",
-    "FORMAT_VERSION",
-    "FeatureStoreSchema",
-    "Status",
+    "code_version",
     "complete_rows",
     "create_or_open_store",
+    "fingerprint",
     "open_store",
     "pending_shards",
     "read_attrs",
-    "rows_per_shard_for",
+    "status_counts",
     "store_summary",
-    "to_torch",
     "write_shard",
 ]
-
-#: Version of the layout described above; bumped on any change a reader must know about.
-FORMAT_VERSION: int = 1
-#: Group attribute key holding everything this module writes.
-ATTRS_KEY: str = "featup"
-#: Target uncompressed bytes of one shard of ``hires``: large enough that object stores see few, big objects
-#: (S3 request costs and latency), small enough that one work unit (a whole shard) fits comfortably in a Ray
-#: block (Ray's default target is 128 MiB) and in a worker's memory.
-TARGET_SHARD_BYTES: int = 64 * 2**20
-#: Upper bound on rows per shard, so tiny feature maps (PCA to a few channels) still give many work units.
-MAX_ROWS_PER_SHARD: int = 1024
-#: Feature dtypes offered, with their bytes per element.
-DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
-
-#: Compressor choices by name. Measured on EfficientNet-Lite0 features upsampled to 112^2, fp16, one chunk per
-#: image (docs/featurize.md): Blosc zstd + byte shuffle compresses best (1.44x bilateral-upsampled here, 2.09x
-#: bilinear in DESIGN.md, vs 1.10x / 1.46x for zarr's default zstd) and reads fast, so it is the default.
-CODECS: dict[str, Any] = {
-    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
-    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-    "zstd": lambda: ZstdCodec(level=0),
-    "none": lambda: None,
-}
-DEFAULT_CODEC: str = "blosc-zstd"
-
-
-class Status:
-    """Values of the ``status`` array."""
-
-    PENDING = 0
-    COMPLETE = 1
-    FAILED = 2
-
-
-def rows_per_shard_for(row_bytes: int, target: int = TARGET_SHARD_BYTES) -> int:
-    """Rows per shard for one row of ``row_bytes`` (uncompressed ``hires`` bytes): ``clamp(target // row, 1, 1024)``."""
-    return int(min(MAX_ROWS_PER_SHARD, max(1, target // max(1, row_bytes))))
-
-
-def _pair(v: Any, name: str) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in v)
-    except Exception:
-        raise StoreError(f"schema field {name} must be a pair of ints, got {v!r}") from None
-    if a < 1 or b < 1:
-        raise StoreError(f"schema field {name} must be positive, got {v!r}")
-    return a, b
-
-
-@dataclass(frozen=True)
-class FeatureStoreSchema:
-    """Shapes, dtype and codec of a feature store; written to and validated from the group attributes.
-
-    Attributes:
-        n_rows: N, the manifest length.
-        channels: C, channels stored (the backbone dim, or k after PCA).
-        lowres_size: ``(h, w)`` of the backbone grid.
-        output_size: ``(H, W)`` of ``hires``.
-        dtype: ``float16``, ``bfloat16`` or ``float32``.
-        rows_per_shard: S (see :func:`rows_per_shard_for`).
-        codec: key of :data:`CODECS`.
-        implicit_size: ``(Hi, Wi)`` when the store has an ``implicit`` array, else None.
-        format_version: :data:`FORMAT_VERSION`.
-    """
-
-    n_rows: int
-    channels: int
-    lowres_size: tuple[int, int]
-    output_size: tuple[int, int]
-    dtype: str = "float16"
-    rows_per_shard: int = 1
-    codec: str = DEFAULT_CODEC
-    implicit_size: tuple[int, int] | None = None
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ConfigError(f"unknown feature dtype {self.dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-        if self.codec not in CODECS:
-            raise ConfigError(f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
-        if self.n_rows < 1 or self.channels < 1 or self.rows_per_shard < 1:
-            raise StoreError(f"n_rows, channels and rows_per_shard must be >= 1 (got {self})")
-        object.__setattr__(self, "lowres_size", _pair(self.lowres_size, "lowres_size"))
-        object.__setattr__(self, "output_size", _pair(self.output_size, "output_size"))
-        if self.implicit_size is not None:
-            object.__setattr__(self, "implicit_size", _pair(self.implicit_size, "implicit_size"))
-
-    @property
-    def storage_dtype(self) -> str:
-        """The numpy dtype Zarr stores (bfloat16 as raw uint16 bits)."""
-        return "uint16" if self.dtype == "bfloat16" else self.dtype
-
-    @property
-    def hires_row_bytes(self) -> int:
-        """Uncompressed bytes of one row of ``hires``."""
-        return self.channels * self.output_size[0] * self.output_size[1] * DTYPE_BYTES[self.dtype]
-
-    @property
-    def row_bytes(self) -> int:
-        """Uncompressed bytes of one row of all feature arrays (``lowres + hires [+ implicit]``)."""
-        h, w = self.lowres_size
-        n = self.hires_row_bytes + self.channels * h * w * DTYPE_BYTES[self.dtype]
-        if self.implicit_size is not None:
-            n += self.channels * self.implicit_size[0] * self.implicit_size[1] * DTYPE_BYTES[self.dtype]
-        return n
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.n_rows // self.rows_per_shard)
-
-    def shard_rows(self, shard: int) -> tuple[int, int]:
-        """``[start, stop)`` rows of shard ``shard``."""
-        start = shard * self.rows_per_shard
-        return start, min(self.n_rows, start + self.rows_per_shard)
-
-    def feature_arrays(self) -> dict[str, tuple[int, int, int]]:
-        """Name -> per-row shape ``(C, h, w)`` of each feature array."""
-        out = {"lowres": (self.channels, *self.lowres_size), "hires": (self.channels, *self.output_size)}
-        if self.implicit_size is not None:
-            out["implicit"] = (self.channels, *self.implicit_size)
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["lowres_size"] = list(self.lowres_size)
-        d["output_size"] = list(self.output_size)
-        d["implicit_size"] = None if self.implicit_size is None else list(self.implicit_size)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureStoreSchema":
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"feature store format_version {version!r} is not {FORMAT_VERSION}; rewrite the store")
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 
 
 # --------------------------------------------------------------------------------------------------- opening
@@ -484,22 +314,6 @@ def status_counts(group: zarr.Group) -> dict[str, int]:
     }
 
 
-def to_torch(values: np.ndarray, dtype: str) -> "torch.Tensor":
-    """Stored feature values -> a tensor of the logical dtype (``bfloat16`` bits are reinterpreted, not cast)."""
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(values))
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 def store_summary(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """A few human-readable lines: what the store holds, row counts, size on disk and compression ratio."""
     group = open_store(uri, storage_options=storage_options)
@@ -522,7 +336,7 @@ def store_summary(uri: str, storage_options: dict[str, Any] | None = None) -> st
         f"{schema.output_size[1]} {schema.dtype}" + (f" (PCA to {pca['k']} channels)" if pca else ""),
         f"rows       {schema.n_rows}: {counts['complete']} complete, {counts['failed']} failed, "
         f"{counts['pending']} pending",
-        f"storage    {_fmt_bytes(on_disk)} on disk{ratio}; codec {schema.codec}, {schema.rows_per_shard} rows per shard",
+        f"storage    {fmt_bytes(on_disk)} on disk{ratio}; codec {schema.codec}, {schema.rows_per_shard} rows per shard",
     ]
     if counts["failed"]:
         err = np.asarray(group["error"][:])

@@ -1,8 +1,8 @@
 """Benchmark: the Ray featurize pipeline vs a bare single-process loop doing the same work on the same images.
 
-    python -m pipeline.bench                       # 96 images, efficientnet_lite0 @224, bilateral to 56, fp16
-    python -m pipeline.bench --codecs              # compression ratio / speed of the store codecs
-    python -m pipeline.bench --backbone vit_s16 --weights random --output-size 56 --json out/bench.json
+    python -m benchmarks.featurize_e2e                       # 96 images, efficientnet_lite0 @224, bilateral to 56, fp16
+    python -m benchmarks.featurize_e2e --codecs              # compression ratio / speed of the store codecs
+    python -m benchmarks.featurize_e2e --backbone vit_s16 --weights random --output-size 56 --json out/bench.json
 
 Both sides do: read bytes, decode + resize (crop) to the input size, backbone, upsampler, cast to the store dtype,
 write a Zarr v3 feature store with the same layout. Both include model loading; the Ray side runs on an already
@@ -23,9 +23,12 @@ from typing import Any
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable as python benchmarks/<name>.py too
+
 __all__ = ["make_images", "bare_loop", "ray_pipeline", "main"]
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = REPO / "pipeline" / "samples"
 
 
 def make_images(folder: Path, n: int) -> Path:
@@ -47,7 +50,7 @@ def bare_loop(cfg: Any) -> tuple[float, float]:
     import torch
 
     threads = torch.get_num_threads()
-    from pipeline.stages import default_torch_threads
+    from pipeline.featurize.stages import default_torch_threads
 
     torch.set_num_threads(cfg.torch_threads or default_torch_threads())  # the same threads as a Featurizer actor
     try:
@@ -59,10 +62,11 @@ def bare_loop(cfg: Any) -> tuple[float, float]:
 def _bare_loop(cfg: Any) -> tuple[float, float]:
     from dataclasses import replace
 
-    from pipeline.decode import decode_image
+    from pipeline.io.decode import decode_image
     from pipeline.errors import DecodeError
-    from pipeline.sources import build_manifest, read_many
-    from pipeline.stages import ModelSpec, _to_store_dtype, build_models, featurize_pixels
+    from pipeline.io.sources import build_manifest, read_many
+    from pipeline.featurize.stages import ModelSpec, build_models, featurize_pixels
+    from pipeline.store.schema import to_store_dtype
     from pipeline.store import FeatureStoreSchema, create_or_open_store, rows_per_shard_for, write_shard
 
     t0 = time.perf_counter()
@@ -92,7 +96,7 @@ def _bare_loop(cfg: Any) -> tuple[float, float]:
             "image_id": np.asarray(m.image_ids[start:stop]), "uri": np.asarray(m.uris[start:stop]),
             "error": np.asarray(err), "orig_size": np.asarray(orig, dtype=np.int32),
             "valid_size": np.asarray(orig, dtype=np.int32),
-            "lowres": _to_store_dtype(low, cfg.dtype), "hires": _to_store_dtype(high, cfg.dtype),
+            "lowres": to_store_dtype(low, cfg.dtype), "hires": to_store_dtype(high, cfg.dtype),
             "status": np.where(ok, 1, 2).astype(np.uint8)[:n],
         })
         done.append(time.perf_counter())
@@ -118,16 +122,17 @@ def bench_codecs(images: int = 4, size: int = 112) -> list[dict[str, Any]]:
     ImageNet weights, bilateral upsampling to ``size``, fp16, one chunk per image), through the store's own layout."""
     from dataclasses import replace
 
-    from pipeline.decode import decode_image
-    from pipeline.sources import build_manifest, read_many
-    from pipeline.stages import ModelSpec, _to_store_dtype, build_models, featurize_pixels
+    from pipeline.io.decode import decode_image
+    from pipeline.io.sources import build_manifest, read_many
+    from pipeline.featurize.stages import ModelSpec, build_models, featurize_pixels
+    from pipeline.store.schema import to_store_dtype
     from pipeline.store import CODECS, FeatureStoreSchema, create_or_open_store, write_shard
 
     m = build_manifest(str(SAMPLES), limit=images)
     backbone, up = build_models(ModelSpec("efficientnet_lite0", None, None, (size, size), "float16", 4))
     px = np.stack([decode_image(d, size=(224, 224)).pixels for d in read_many(m.uris)])
     low, high = featurize_pixels(px, backbone, up, output_size=(size, size), batch_size=4)
-    low16, high16 = _to_store_dtype(low, "float16"), _to_store_dtype(high, "float16")
+    low16, high16 = to_store_dtype(low, "float16"), to_store_dtype(high, "float16")
     n = len(px)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,7 @@ an ``ImplicitFitter`` actor pool with its own resources (``--implicit-gpus``, fr
 no GPU exists), apart from the featurizer actors::
 
     ray.data.from_items(units with pending implicit rows)     # one unit = the pending rows of one store shard
-      .map_batches(pipeline.stages.decode_units)              # the featurize job's decode stage, reused as is
+      .map_batches(pipeline.featurize.stages.decode_units)              # the featurize job's decode stage, reused as is
       .map_batches(ImplicitFitter, compute=ActorPoolStrategy, # fit, cast, write implicit rows; implicit_status last
                    num_gpus=G, num_cpus=c)
 
@@ -17,24 +17,13 @@ no GPU exists), apart from the featurizer actors::
   the complete rows, re-read from the store's ``uri`` and decoded with its recorded input size and resize policy.
 * :func:`add_implicit_stage` inserts the same actors inline into any plan of decoded units (passthrough).
 
-Arrays this stage adds to a store (row-aligned with the manifest, like every other array):
-
-* ``implicit (N, C, Hi, Wi)``: dtype and codec of ``hires`` (bfloat16 as uint16 bits, like ``hires``); inner chunk
-  one row, shard ``rows_per_shard`` rows; projected with the store's PCA basis when it has one.
-* ``implicit_error (N,) str``: why a row's fit failed (``""`` otherwise); chunk ``rows_per_shard`` rows.
-* ``implicit_status (N,) uint8``: 0 pending, 1 complete, 2 failed; chunk ``rows_per_shard`` rows; written LAST for
-  each unit, so a row's implicit features are complete only when ``implicit_status == 1``.
-
-The settings that change the implicit bytes are recorded in the group attrs under :data:`ATTRS_KEY` (kept apart
-from the main ``featup`` attrs, so adding implicit features never changes the main store's fingerprint). Filling a
-store whose recorded implicit settings differ is refused with one clear line. The unit of work is one store
-shard, so each shard of ``implicit`` has exactly one writer; rows whose ``implicit_status`` is set are skipped,
-so a rerun resumes and gives the same bytes as an uninterrupted run.
+The arrays, recorded settings and row writes of the implicit features are the store's
+(:mod:`pipeline.store.implicit`). The unit of work is one store shard, so each shard of ``implicit`` has exactly one
+writer; rows whose ``implicit_status`` is set are skipped, so a rerun resumes and gives the same bytes as an
+uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import threading
@@ -45,11 +34,20 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from pipeline.errors import ConfigError, StoreError, StoreMismatchError
+from pipeline.store.implicit import (
+    ATTRS_KEY,
+    IMPLICIT,
+    IMPLICIT_ERROR,
+    IMPLICIT_STATUS,
+    add_implicit_arrays,
+    pending_implicit_rows,
+    write_implicit_rows,
+)
+from pipeline.store.schema import Status, to_store_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
     import torch
-    import zarr
 
 __all__ = [
     "ATTRS_KEY",
@@ -70,20 +68,6 @@ __all__ = [
     "write_implicit_rows",
 ]
 
-IMPLICIT = "implicit"
-"""Name of the implicit feature array ``(N, C, Hi, Wi)``."""
-IMPLICIT_STATUS = "implicit_status"
-"""Name of the per-row completion marker ``(N,) uint8`` (written last per unit)."""
-IMPLICIT_ERROR = "implicit_error"
-"""Name of the per-row failure reason ``(N,) str``."""
-ATTRS_KEY = "featup_implicit"
-"""Group attrs key holding the implicit settings (not fingerprinted by the main store)."""
-FORMAT_VERSION = 1
-"""Version of the implicit arrays' layout; bump when it changes."""
-
-PENDING, COMPLETE, FAILED = 0, 1, 2
-"""Row states of ``implicit_status`` (the same meaning as the main ``status``)."""
-
 DEFAULT_IMAGES_PER_FIT = 4
 """Images per ``fit_implicit`` call: fitting is batched over images, so a few at once use the device better; more
 only adds memory (results per image do not depend on the grouping)."""
@@ -91,7 +75,7 @@ DEFAULT_CPUS_PER_ACTOR = 1.0
 """CPUs reserved per ImplicitFitter actor. On GPU actors they feed the device; on CPU actors they are also the
 torch threads the fit uses. Fractional values pack actors (a 2-core machine must leave room for decode tasks)."""
 DECODE_CPUS = 0.25
-"""CPUs per decode task: reading and decoding is light next to fitting (DESIGN.md, "Running")."""
+"""CPUs per decode task: reading and decoding is light next to fitting ."""
 DECODE_TASKS_IN_FLIGHT = 2
 """Decode tasks the implicit plan budgets for: one unit being decoded while the actors fit the previous ones is
 enough (a fit takes seconds, a decode milliseconds); two absorb stragglers."""
@@ -154,174 +138,22 @@ class ImplicitStageConfig:
 
         return IMPLICIT_PRESETS[self.preset]
 
+    def fit_identity(self) -> dict[str, Any]:
+        """What the store records about this fit (:func:`pipeline.store.implicit.add_implicit_arrays`' keywords)."""
+        return {
+            "preset": self.preset_label(), "config": self.fit_config(), "output_size": self.output_size,
+            "seed": self.seed,
+        }
+
     def preset_label(self) -> str:
         """The preset name, or ``"custom"`` when an explicit config is given."""
         return "custom" if self.implicit_cfg is not None else self.preset
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# store side: arrays, attrs, pending rows, writes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)
-
-
-def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(_jsonable(value), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def implicit_settings(group: "zarr.Group", cfg: ImplicitStageConfig) -> dict[str, Any]:
-    """The implicit settings to record for ``cfg`` on this store (JSON-able).
-
-    ``fingerprint`` hashes everything that changes the bytes of ``implicit``: the fit config, output size, seed,
-    backbone and weights, input size and resize policy, channels, PCA basis and dtype.
-    """
-    from pipeline.store import read_attrs
-
-    attrs = read_attrs(group)
-    out = cfg.output_size or tuple(int(s) for s in attrs["output_size"])
-    settings: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
-        "preset": cfg.preset_label(),
-        "config": _jsonable(cfg.fit_config()),
-        "output_size": [int(out[0]), int(out[1])],
-        "seed": int(cfg.seed),
-        "backbone": attrs["backbone"],
-        "weights_hash": attrs["weights_hash"],
-        "input_size": _jsonable(attrs["input_size"]),
-        "resize_policy": attrs["resize_policy"],
-        "channels": int(attrs["channels"]),
-        "pca_hash": None if attrs.get("pca") is None else _hash(attrs["pca"]),
-        "dtype": attrs["dtype"],
-    }
-    settings["fingerprint"] = _hash(settings)
-    from pipeline.store import code_version
-
-    settings["code_version"] = code_version()
-    settings["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    return settings
-
-
-_UNFINGERPRINTED = ("fingerprint", "code_version", "created")
-
-
-def add_implicit_arrays(group: "zarr.Group", cfg: ImplicitStageConfig) -> dict[str, Any]:
-    """Add ``implicit``, ``implicit_error`` and ``implicit_status`` to a store (idempotent) and record the settings.
-
-    Arrays get the store's ``rows_per_shard`` and the dtype and compressors of ``hires``; arrays that exist with the
-    right shape are kept (resume), and the settings are written to attrs after the arrays exist. Call once, on the
-    driver, before any writer starts.
-
-    Args:
-        group: the store, opened writable (``pipeline.store.open_store(uri, mode="r+")``).
-        cfg: the stage settings.
-
-    Returns:
-        The recorded settings (see :func:`implicit_settings`).
-
-    Raises:
-        StoreMismatchError: the store already holds implicit features made with other settings.
-    """
-    from pipeline.store import read_attrs
-
-    settings = implicit_settings(group, cfg)
-    recorded = group.attrs.get(ATTRS_KEY)
-    if recorded is not None and recorded.get("fingerprint") != settings["fingerprint"]:
-        diff = [
-            f"{k}: {json.dumps(recorded.get(k))[:40]} -> {json.dumps(settings[k])[:40]}"
-            for k in sorted(settings)
-            if k not in _UNFINGERPRINTED and recorded.get(k) != settings[k]
-        ]
-        raise StoreMismatchError(
-            f"store already holds implicit features made with other settings ({'; '.join(diff[:3])}); rerun "
-            f"with the recorded settings (store attrs {ATTRS_KEY!r}) or write to a fresh store"
-        )
-    attrs = read_attrs(group)
-    n = int(group["status"].shape[0])
-    rows = min(n, int(attrs["rows_per_shard"]))
-    hires = group["hires"]
-    c = int(hires.shape[1])
-    hi, wi = settings["output_size"]
-    want = {
-        IMPLICIT: dict(
-            shape=(n, c, hi, wi), dtype=hires.dtype, chunks=(1, c, hi, wi), shards=(rows, c, hi, wi),
-            compressors=hires.compressors, fill_value=0,
-        ),
-        IMPLICIT_ERROR: dict(shape=(n,), dtype=str, chunks=(rows,), fill_value=""),
-        IMPLICIT_STATUS: dict(shape=(n,), dtype="uint8", chunks=(rows,), fill_value=PENDING),
-    }
-    have = set(group.array_keys())
-    for name, spec in want.items():  # implicit_status last: it is what marks rows done
-        if name in have:
-            if tuple(group[name].shape) != spec["shape"]:
-                raise StoreMismatchError(
-                    f"store array {name!r} has shape {tuple(group[name].shape)}, expected {spec['shape']}; "
-                    "write the implicit features to a fresh store"
-                )
-            continue
-        group.create_array(name, **spec)
-    if recorded is None:
-        group.attrs[ATTRS_KEY] = settings
-        return settings
-    return dict(recorded)
-
-
-def pending_implicit_rows(
-    group: "zarr.Group",
-    rows: Sequence[int] | None = None,
-    limit: int | None = None,
-    *,
-    require_complete: bool = True,
-) -> np.ndarray:
-    """Rows that still need implicit features, in row order.
-
-    Args:
-        group: the store.
-        rows: restrict to these row indices (out-of-range indices raise); None = all rows.
-        limit: keep only the first ``limit`` pending rows.
-        require_complete: only rows whose main ``status`` is complete (the second pass); False = every row
-            (the featurize job, which decodes its rows itself).
-
-    Returns:
-        ``(n,) int64`` row indices whose ``implicit_status`` is pending.
-    """
-    from pipeline.store import complete_rows
-
-    n = int(group["status"].shape[0])
-    done = np.asarray(group[IMPLICIT_STATUS][:]) != PENDING if IMPLICIT_STATUS in group else np.zeros(n, bool)
-    mask = ~done
-    if require_complete:
-        mask &= np.isin(np.arange(n), complete_rows(group))
-    if rows is not None:
-        sel = np.unique(np.asarray(list(rows), dtype=np.int64))
-        bad = sel[(sel < 0) | (sel >= n)]
-        if bad.size:
-            raise ConfigError(f"--rows {bad.tolist()[:5]} out of range: the store has rows 0..{n - 1}")
-        keep = np.zeros(n, dtype=bool)
-        keep[sel] = True
-        mask &= keep
-    out = np.flatnonzero(mask).astype(np.int64)
-    if limit is not None:
-        out = out[: max(int(limit), 0)]
-    return out
-
-
 def implicit_units(
     rows: np.ndarray, rows_per_shard: int, image_ids: Sequence[str], uris: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """One work unit per store shard holding any of ``rows``, in :func:`pipeline.stages.decode_units`' input form.
+    """One work unit per store shard holding any of ``rows``, in :func:`pipeline.featurize.stages.decode_units`' input form.
 
     Args:
         rows: ``(n,) int64`` sorted row indices.
@@ -338,54 +170,6 @@ def implicit_units(
         meta = {"image_id": [str(image_ids[i]) for i in r], "uri": [str(uris[i]) for i in r], "rows": r}
         units.append({"shard": int(shard), "start": int(r[0]), "meta": json.dumps(meta)})
     return units
-
-
-def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
-    """Contiguous runs of sorted ``rows`` as ``(start_row, stop_row, offset of start_row in rows)``."""
-    runs = []
-    i = 0
-    while i < len(rows):
-        j = i
-        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
-            j += 1
-        runs.append((int(rows[i]), int(rows[j]) + 1, i))
-        i = j + 1
-    return runs
-
-
-def write_implicit_rows(
-    group: "zarr.Group",
-    rows: np.ndarray,
-    feats: np.ndarray | None,
-    status: np.ndarray,
-    errors: Sequence[str],
-) -> None:
-    """Write one unit's implicit rows: features of complete rows, then reasons, then ``implicit_status`` last.
-
-    Each contiguous run of rows is one region write; a run that does not cover its whole shard is a
-    read-modify-write of that shard object (atomic on local disk and S3), safe because a unit is the shard's only
-    writer.
-
-    Args:
-        group: the store (writable) holding the implicit arrays.
-        rows: ``(n,) int64`` sorted row indices, all in one shard.
-        feats: ``(n, C, Hi, Wi)`` in the store's storage dtype (rows whose status is not complete are not
-            written), or None when no row is complete.
-        status: ``(n,) uint8`` COMPLETE or FAILED per row.
-        errors: ``n`` reasons (``""`` for complete rows).
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    status = np.asarray(status, dtype=np.uint8)
-    ok = np.flatnonzero(status == COMPLETE)
-    if feats is not None and ok.size:
-        arr = group[IMPLICIT]
-        for start, stop, off in _runs(rows[ok]):
-            arr[start:stop] = feats[ok[off : off + stop - start]]
-    errs = np.asarray([str(e) for e in errors], dtype=str)
-    for start, stop, off in _runs(rows):
-        group[IMPLICIT_ERROR][start:stop] = errs[off : off + stop - start]
-    for start, stop, off in _runs(rows):
-        group[IMPLICIT_STATUS][start:stop] = status[off : off + stop - start]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,8 +204,8 @@ def fit_pixels(
     import torch
 
     import featup_ops
-    from pipeline.decode import normalize
-    from pipeline.pca import PCABasis, apply_pca
+    from pipeline.io.decode import normalize
+    from featup_ops.pca import PCABasis, apply_pca
 
     device = next(iter(backbone.parameters())).device
     basis = PCABasis.from_dict(pca) if pca else None
@@ -436,18 +220,10 @@ def fit_pixels(
     return torch.cat(out)
 
 
-def _to_store_dtype(t: "torch.Tensor", dtype: str) -> np.ndarray:
-    import torch
-
-    if dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return t.to(getattr(torch, dtype)).numpy()
-
-
 class ImplicitFitter:
     """Ray Data actor (callable class): fits and writes the implicit features of decoded work units.
 
-    Input rows are :func:`pipeline.stages.decode_units` output: ``shard``, ``n``, ``pixels (U, S, H, W, 3) uint8``,
+    Input rows are :func:`pipeline.featurize.stages.decode_units` output: ``shard``, ``n``, ``pixels (U, S, H, W, 3) uint8``,
     ``ok (U, S)``, ``meta`` (JSON with ``error`` per row and, for units of chosen rows, ``rows``; otherwise the
     unit holds rows ``shard*S .. shard*S + n - 1``). Rows whose ``implicit_status`` is already set are skipped
     (resume); rows that failed to decode are recorded as failed with the decode reason. The batch is returned
@@ -508,14 +284,14 @@ class ImplicitFitter:
         order = np.argsort(rows, kind="stable")
         rows, pixels, ok = rows[order], np.asarray(pixels)[order], np.asarray(ok, dtype=bool)[order]
         errors = [str(errors[i]) for i in order]
-        done = np.asarray(self.group[IMPLICIT_STATUS].oindex[rows]) != PENDING
+        done = np.asarray(self.group[IMPLICIT_STATUS].oindex[rows]) != Status.PENDING
         counts = {"fitted": 0, "failed": 0, "skipped": int(done.sum())}
         keep = np.flatnonzero(~done)
         if keep.size == 0:
             return counts
         rows, pixels, ok = rows[keep], pixels[keep], ok[keep]
         reasons = ["" if k else (errors[i] or "image could not be decoded") for k, i in zip(ok, keep)]
-        status = np.where(ok, COMPLETE, FAILED).astype(np.uint8)
+        status = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
         feats = None
         good = np.flatnonzero(ok)
         if good.size:
@@ -527,17 +303,17 @@ class ImplicitFitter:
             except Exception as exc:  # a failed fit is a failed row with its reason, never a crashed job
                 reason = f"implicit fit failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
                 for i in good:
-                    status[i], reasons[i] = FAILED, reason
+                    status[i], reasons[i] = Status.FAILED, reason
             else:
                 finite = np.isfinite(fitted.reshape(len(good), -1).numpy()).all(axis=1)
-                stored = _to_store_dtype(fitted, self.dtype)
+                stored = to_store_dtype(fitted, self.dtype)
                 feats = np.zeros((len(rows), *stored.shape[1:]), dtype=stored.dtype)
                 feats[good] = stored
                 for i in good[~finite]:
-                    status[i], reasons[i] = FAILED, "implicit fit gave non-finite features"
+                    status[i], reasons[i] = Status.FAILED, "implicit fit gave non-finite features"
         write_implicit_rows(self.group, rows, feats, status, reasons)
-        counts["fitted"] = int((status == COMPLETE).sum())
-        counts["failed"] = int((status == FAILED).sum())
+        counts["fitted"] = int((status == Status.COMPLETE).sum())
+        counts["failed"] = int((status == Status.FAILED).sum())
         return counts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -631,7 +407,7 @@ def add_implicit_stage(
     weights: str | None = None,
     passthrough: bool = True,
 ) -> "ray.data.Dataset":
-    """Append the ImplicitFitter actor stage to a Dataset of decoded units (:func:`pipeline.stages.decode_units`).
+    """Append the ImplicitFitter actor stage to a Dataset of decoded units (:func:`pipeline.featurize.stages.decode_units`).
 
     Call :func:`add_implicit_arrays` on the driver first. One unit per call (each unit is one shard's writer). With
     ``passthrough`` the units flow on unchanged; otherwise each unit becomes one row of counts.
@@ -647,8 +423,8 @@ def add_implicit_stage(
 
 
 def _decode_spec(attrs: dict[str, Any], storage_options: dict[str, Any] | None) -> Any:
-    from pipeline.decode import MAX_PIXELS
-    from pipeline.stages import DecodeSpec
+    from pipeline.io.decode import MAX_PIXELS
+    from pipeline.featurize.stages import DecodeSpec
 
     return DecodeSpec(
         input_size=tuple(int(s) for s in attrs["input_size"]),
@@ -729,12 +505,12 @@ def start_implicit(
     import ray
     from ray.data import DataContext
 
-    from pipeline.stages import decode_units
+    from pipeline.featurize.stages import decode_units
     from pipeline.store import open_store, read_attrs
 
     group = open_store(store, mode="r+", storage_options=storage_options)
     attrs = read_attrs(group)
-    settings = add_implicit_arrays(group, cfg)
+    settings = add_implicit_arrays(group, **cfg.fit_identity())
     pending = pending_implicit_rows(group, rows, limit, require_complete=require_complete)
     if image_ids is None or uris is None:
         image_ids = [str(v) for v in np.asarray(group["image_id"][:]).tolist()]
@@ -815,7 +591,7 @@ def run_fit_implicit(cfg: FitImplicitConfig) -> dict[str, int]:
         StoreMismatchError: implicit features with other settings, or other backbone weights.
         ConfigError: bad settings (``--rows`` out of range, unknown preset).
     """
-    from pipeline.featurize import init_ray
+    from pipeline.cli import init_ray
 
     say = None if cfg.quiet else (lambda msg: print(msg, flush=True))
     init_ray()
@@ -872,7 +648,7 @@ def start_featurize_implicit(job_cfg: Any, manifest: Any) -> ImplicitRun:
     Every manifest row whose ``implicit_status`` is pending is fitted (decoded by the plan itself), so a rerun
     resumes both plans independently. Wait for it with ``.wait()`` after the main plan.
     """
-    from pipeline.featurize import init_ray
+    from pipeline.cli import init_ray
 
     init_ray()
     quiet = bool(getattr(job_cfg, "quiet", False))

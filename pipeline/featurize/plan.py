@@ -14,25 +14,23 @@ upsampler are loaded once (unknown name, missing weights), and an existing store
 from __future__ import annotations
 
 import json
-import math
-import os
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
-from pipeline.cli import json_object
-from pipeline.decode import MAX_PIXELS, check_size, decode_image, size_hw
+from featup_ops.pca import PCABasis, fit_pca
+from pipeline.cli import init_ray
 from pipeline.errors import ConfigError, DecodeError
-from pipeline.pca import PCABasis, fit_pca
-from pipeline.sources import Manifest, build_manifest, read_many
-from pipeline.storage import check_writable
-from pipeline.stages import DecodeSpec, Featurizer, ModelSpec, build_models, decode_units
+from pipeline.featurize.config import MEASURED_RATIO, FeaturizeConfig, size_text
+from pipeline.featurize.stages import DecodeSpec, Featurizer, ModelSpec, build_models, decode_units
+from pipeline.fmt import fmt_bytes, fmt_time
+from pipeline.io.decode import decode_image
+from pipeline.io.sources import Manifest, build_manifest, read_many
+from pipeline.io.storage import check_writable
 from pipeline.store import (
-    DEFAULT_CODEC,
-    DTYPE_BYTES,
     FeatureStoreSchema,
     create_or_open_store,
     pending_shards,
@@ -42,153 +40,7 @@ from pipeline.store import (
     store_summary,
 )
 
-__all__ = ["FeaturizeConfig", "run_featurize", "init_ray", "plan_sizes"]
-
-#: Compression ratios measured here (``python -m pipeline.bench --codecs``: EfficientNet-Lite0 ImageNet features,
-#: fixed bilateral upsampling to 112^2, fp16, one chunk per image); only used to print the expected size on disk
-#: before a job starts. Bilinearly upsampled (smoother) maps compress more: 2.09x / 1.68x / 1.46x (DESIGN.md).
-MEASURED_RATIO: dict[str, float] = {"blosc-zstd": 1.44, "blosc-lz4": 1.20, "zstd": 1.10, "none": 1.0}
-
-
-@dataclass(frozen=True)
-class FeaturizeConfig:
-    """Settings of one featurize job (the jobs' flags map 1:1 onto these fields).
-
-    Attributes:
-        input: COCO root, folder/prefix of images, tar shard(s) or parquet file(s); local or ``s3://``.
-        output: the store's local path or ``s3://`` URI.
-        kind: source kind (``auto``, ``coco``, ``folder``, ``tar``, ``parquet``).
-        split: COCO split (``val2017``).
-        limit: featurize only the first ``limit`` manifest rows.
-        backbone: ``featup_ops`` backbone name.
-        weights: backbone weights (None = the preset's default; ``random``; a path or URI).
-        upsampler: upsampler checkpoint (path or URI); None = the fixed joint bilateral upsampler.
-        input_size: the backbone input, one side (square) or ``(H, W)``; each a multiple of the backbone stride.
-        output_size: the high-res features, one side (square) or ``(H, W)``; None = ``input_size``.
-        dtype: store dtype of features: ``float16``, ``bfloat16`` or ``float32``.
-        pca: keep k PCA channels (basis fitted on ``pca_fit_images`` images first), or None for all channels.
-        pca_fit_images: images (the first ones of the manifest) the PCA basis is fitted on.
-        policy: ``crop`` (cover + centre crop, as FeatUp) or ``pad`` (fit + pad, ``valid_size`` stored).
-        batch_size: images per forward pass in a featurizer actor.
-        num_gpus: GPU actors (one GPU each); None = one per GPU in the cluster; 0 = CPU actors.
-        num_actors: CPU featurizer actors when no GPU is used.
-        actor_cpus: CPUs reserved per CPU featurizer actor (Ray scheduling; torch uses ``torch_threads``).
-        decode_cpus: CPUs reserved per decode task (decode is light; fractional packs several per core).
-        torch_threads: torch intra-op threads per CPU actor; None = the node's cores minus one (see
-            :func:`pipeline.stages.default_torch_threads`).
-        codec: compressor (``blosc-zstd``, ``blosc-lz4``, ``zstd``, ``none``).
-        rows_per_shard: override S (normally derived from the row size; see :mod:`pipeline.store`).
-        max_pixels: decompression-bomb limit, in pixels.
-        storage_options: fsspec options for ``s3://`` input, output, weights and checkpoint.
-        progress_interval_s: seconds between progress lines.
-        quiet: print nothing.
-        implicit: also fit per-image implicit features (``pipeline.implicit_stage``) in their own actor pool.
-        implicit_size / implicit_gpus / implicit_preset / implicit_actors / implicit_cpus: their ``(H, W)`` (None =
-            the output size), GPUs per actor (None = 1 if the cluster has GPUs, else 0), preset name (or an
-            ``ImplicitConfig``), pool size, CPUs per actor.
-    """
-
-    input: str
-    output: str
-    kind: Literal["auto", "coco", "folder", "tar", "parquet"] = "auto"
-    split: str | None = None
-    limit: int | None = None
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    upsampler: str | None = None
-    input_size: int | tuple[int, int] = 224
-    output_size: int | tuple[int, int] | None = None
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    pca: int | None = None
-    pca_fit_images: int = 32
-    policy: Literal["crop", "pad"] = "crop"
-    batch_size: int = 8
-    num_gpus: int | None = None
-    num_actors: int = 1
-    actor_cpus: float = 1.0
-    decode_cpus: float = 0.25
-    torch_threads: int | None = None
-    codec: str = DEFAULT_CODEC
-    rows_per_shard: int | None = None
-    max_pixels: int = MAX_PIXELS
-    storage_options: dict[str, Any] | None = field(default=None, hash=False)
-    progress_interval_s: float = 10.0
-    quiet: bool = False
-    implicit: bool = False
-    implicit_size: tuple[int, int] | None = None
-    implicit_gpus: float | None = None
-    implicit_preset: str = "fast"
-    implicit_actors: int = 1
-    implicit_cpus: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_BYTES:
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
-        if self.policy not in ("crop", "pad"):
-            raise ConfigError(f"--policy {self.policy!r} is not 'crop' or 'pad'")
-        for name in ("input_size", "output_size"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, check_size(value, f"--{name.replace('_', '-')}"))
-        for name in ("batch_size", "num_actors", "pca_fit_images"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.pca is not None and self.pca < 1:
-            raise ConfigError(f"--pca must be >= 1 channels, got {self.pca}")
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        """``(H, W)`` of the backbone input."""
-        return size_hw(self.input_size)
-
-    @property
-    def output_hw(self) -> tuple[int, int]:
-        """``(H, W)`` of the high-res features."""
-        return self.input_hw if self.output_size is None else size_hw(self.output_size)
-
-
-def _size_text(hw: tuple[int, int]) -> str:
-    """How the flags spell a size: ``224`` when square, else ``224 448``."""
-    return str(hw[0]) if hw[0] == hw[1] else f"{hw[0]} {hw[1]}"
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray on 127.0.0.1.
-
-    The local Ray has no dashboard and binds loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray's job API
-    and dashboard have no authentication, so a local head must not listen on the network).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-    )
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
-def _fmt_time(s: float) -> str:
-    if not math.isfinite(s):
-        return "?"
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
+__all__ = ["run_featurize", "plan_sizes", "main_from_config"]
 
 def plan_sizes(schema: FeatureStoreSchema, codec: str) -> str:
     """The line printed before a job starts: bytes per image and in total (uncompressed and expected on disk)."""
@@ -197,8 +49,8 @@ def plan_sizes(schema: FeatureStoreSchema, codec: str) -> str:
     ratio = MEASURED_RATIO.get(codec, 1.0)
     c, (h, w), (hh, ww) = schema.channels, schema.lowres_size, schema.output_size
     return (
-        f"featurize: {schema.n_rows} images -> per image {_fmt_bytes(per)} ({schema.dtype}: lowres {c}x{h}x{w} + "
-        f"hires {c}x{hh}x{ww}); total {_fmt_bytes(total)} uncompressed, ~{_fmt_bytes(total / ratio)} on disk with "
+        f"featurize: {schema.n_rows} images -> per image {fmt_bytes(per)} ({schema.dtype}: lowres {c}x{h}x{w} + "
+        f"hires {c}x{hh}x{ww}); total {fmt_bytes(total)} uncompressed, ~{fmt_bytes(total / ratio)} on disk with "
         f"{codec} (~{ratio:.2f}x measured); {schema.rows_per_shard} images per shard, {schema.num_shards} shards"
     )
 
@@ -218,7 +70,7 @@ def _fit_pca_basis(
     """
     import torch
 
-    from pipeline.decode import normalize
+    from pipeline.io.decode import normalize
 
     pixels = []
     uris = list(manifest.uris[: max(cfg.pca_fit_images * 2, cfg.pca_fit_images + 8)])
@@ -268,7 +120,7 @@ class _Progress:
         eta = (self.total - done) / rate if rate > 0 else float("inf")
         return (
             f"featurize: {done}/{self.total} rows ({counts['failed']} failed) | {rate:.2f} img/s | "
-            f"ETA {_fmt_time(eta)} | {_fmt_time(dt)} elapsed"
+            f"ETA {fmt_time(eta)} | {fmt_time(dt)} elapsed"
         )
 
     def _run(self) -> None:
@@ -327,9 +179,9 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         from featup_ops.backbones import nearest_valid_sizes
 
         lower, upper = zip(*(nearest_valid_sizes(side, stride) for side in input_hw))
-        options = " or ".join(dict.fromkeys(_size_text(hw) for hw in (lower, upper)))
+        options = " or ".join(dict.fromkeys(size_text(hw) for hw in (lower, upper)))
         raise ConfigError(
-            f"--input-size {_size_text(input_hw)} is not a multiple of the stride {stride} of {cfg.backbone!r}; "
+            f"--input-size {size_text(input_hw)} is not a multiple of the stride {stride} of {cfg.backbone!r}; "
             f"use {options}"
         )
     if cfg.pca is not None and cfg.pca > backbone.dim:
@@ -374,8 +226,8 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     del backbone, upsampler
     _say(cfg, plan_sizes(schema, cfg.codec))
     implicit = None
-    if cfg.implicit:  # its own plan and actors, beside the main plan (pipeline/implicit_stage.py)
-        from pipeline.implicit_stage import start_featurize_implicit
+    if cfg.implicit:  # its own plan and actors, beside the main plan (pipeline/featurize/implicit.py)
+        from pipeline.featurize.implicit import start_featurize_implicit
 
         implicit = start_featurize_implicit(cfg, manifest)
 
@@ -397,7 +249,7 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     }
     if "steady_images_per_s" in written:
         result["steady_images_per_s"] = round(written["steady_images_per_s"], 3)
-    _say(cfg, f"featurize: done in {_fmt_time(seconds)}: {counts['complete']} complete, {counts['failed']} failed, "
+    _say(cfg, f"featurize: done in {fmt_time(seconds)}: {counts['complete']} complete, {counts['failed']} failed, "
               f"{counts['pending']} pending")
     return result
 
@@ -414,7 +266,7 @@ def _run_plan(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from pipeline.sink import ZarrFeatureDatasink
+    from pipeline.store.sink import ZarrFeatureDatasink
 
     init_ray()
     ctx = DataContext.get_current()
@@ -458,50 +310,6 @@ def _run_plan(
     with _Progress(cfg, group, schema.n_rows, before["complete"] + before["failed"]):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.decode_cpus})
     return sink.result
-
-
-def add_featurize_args(parser: Any) -> Any:
-    """Add the flags shared by the featurize jobs (names match :class:`FeaturizeConfig` fields)."""
-    import argparse
-
-    d = FeaturizeConfig(input="", output="")
-    a = parser.add_argument
-    a("--output", help="store path or s3:// URI (Zarr v3 group)")
-    a("--limit", type=int, default=None, help="featurize only the first N images")
-    a("--backbone", default=d.backbone, help="featup_ops backbone name (default %(default)s)")
-    a("--weights", default=None, help="backbone weights: default for the preset, 'random', or a path / s3:// URI")
-    a("--upsampler", default=None, help="upsampler checkpoint dir (path or s3://); default: fixed joint bilateral")
-    a("--input-size", type=int, nargs="+", default=d.input_size, metavar="SIDE",
-      help="backbone input: one side (square) or H W, multiples of the stride (default %(default)s)")
-    a("--output-size", type=int, nargs="+", default=None, metavar="SIDE",
-      help="hires features: one side (square) or H W (default: the input size)")
-    a("--dtype", default=d.dtype, choices=list(DTYPE_BYTES), help="feature dtype in the store")
-    a("--pca", type=int, default=None, help="keep k PCA channels (basis fitted on the first images)")
-    a("--pca-fit-images", type=int, default=d.pca_fit_images, help="images to fit the PCA basis on")
-    a("--policy", default=d.policy, choices=["crop", "pad"], help="resize policy: crop (FeatUp) or pad")
-    a("--batch-size", type=int, default=d.batch_size, help="images per forward pass")
-    a("--num-gpus", type=int, default=None, help="GPU actors (default: all GPUs of the cluster; 0 = CPU)")
-    a("--num-actors", type=int, default=d.num_actors, help="CPU featurizer actors (without GPUs)")
-    a("--actor-cpus", type=float, default=d.actor_cpus, help="CPUs reserved per CPU featurizer actor")
-    a("--decode-cpus", type=float, default=d.decode_cpus, help="CPUs reserved per decode/write task")
-    a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: cores - 1)")
-    a("--codec", default=d.codec, choices=list(MEASURED_RATIO), help="compressor (default %(default)s)")
-    a("--rows-per-shard", type=int, default=None, help="override images per shard (default: ~64 MiB shards)")
-    a("--storage-options", type=json_object, default=None, help='fsspec options as JSON, e.g. \'{"anon": true}\'')
-    a("--progress-interval-s", type=float, default=d.progress_interval_s, help="seconds between progress lines")
-    a("--quiet", action=argparse.BooleanOptionalAction, default=False, help="print nothing")
-    from pipeline.implicit_stage import add_implicit_args
-
-    add_implicit_args(parser)
-    return parser
-
-
-def config_from_args(args: Any, **overrides: Any) -> FeaturizeConfig:
-    """Build a :class:`FeaturizeConfig` from parsed flags (``overrides`` win)."""
-    names = FeaturizeConfig.__dataclass_fields__
-    values = {k: v for k, v in vars(args).items() if k in names}
-    values.update(overrides)
-    return FeaturizeConfig(**values)
 
 
 def main_from_config(cfg: FeaturizeConfig) -> int:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from featup_ops.pca import fit_pca_maps
+
 PCA_MAX_PIXELS = 50_000
 """At most this many pixels (drawn evenly from all maps) fit the basis: enough for 3 stable components, cheap."""
 
@@ -32,41 +34,9 @@ PANEL_GAP = 4
 def fit_pca(
     maps: Sequence[torch.Tensor], k: int = 3, *, max_pixels: int = PCA_MAX_PIXELS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit one PCA basis on the pixels of several feature maps of the same image.
-
-    Args:
-        maps: feature maps ``(C, H_i, W_i)`` (any float dtype), same C.
-        k: number of components.
-        max_pixels: pixels used for the fit, drawn evenly from each map (every map contributes equally).
-
-    Returns:
-        ``(mean (C,) float64, components (k, C) float64)``; each component's sign is fixed so its largest
-        loading is positive (deterministic colours).
-    """
-    if not maps:
-        raise ValueError("fit_pca needs at least one feature map")
-    chans = {int(m.shape[0]) for m in maps}
-    if len(chans) != 1:
-        raise ValueError(f"feature maps have different channel counts {sorted(chans)}; PCA needs one feature space")
-    per_map = max(max_pixels // len(maps), 1)
-    rows = []
-    for m in maps:
-        x = m.detach().to(torch.float64).reshape(m.shape[0], -1).T  # (HW, C)
-        if x.shape[0] > per_map:
-            x = x[torch.linspace(0, x.shape[0] - 1, per_map).round().long()]
-        rows.append(x)
-    x = torch.cat(rows)
-    mean = x.mean(0)
-    x = x - mean
-    cov = x.T @ x / max(x.shape[0] - 1, 1)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-    comps = vecs[:, -k:].flip(1).T.contiguous()  # (k, C), largest first
-    if comps.shape[0] < k:  # fewer channels than components: pad with zeros (grey)
-        comps = torch.cat([comps, comps.new_zeros(k - comps.shape[0], comps.shape[1])])
-    idx = comps.abs().argmax(1)
-    sign = torch.sign(comps[torch.arange(comps.shape[0]), idx])
-    comps = comps * torch.where(sign == 0, torch.ones_like(sign), sign)[:, None]
-    return mean, comps
+    """One PCA basis over the maps of one image (:func:`featup_ops.pca.fit_pca_maps`): ``(mean, components)``
+    float64, each map contributing equally, components' signs fixed (deterministic colours)."""
+    return fit_pca_maps(maps, k, max_pixels=max_pixels)
 
 
 def pca_rgb(maps: Sequence[torch.Tensor], *, max_pixels: int = PCA_MAX_PIXELS) -> list[np.ndarray]:
@@ -171,7 +141,7 @@ def render_store_rows(
     Returns:
         The written paths, in the order of ``rows``.
     """
-    from pipeline.dataset import FeatureDataset
+    from pipeline.read.dataset import FeatureDataset
     from pipeline.errors import StoreError
 
     low_ds = FeatureDataset(store, "lowres", storage_options=storage_options)
@@ -225,10 +195,10 @@ def render_image(
         The written path.
     """
     import featup_ops
-    from pipeline.decode import check_size, decode_image, normalize, size_hw
+    from pipeline.io.decode import check_size, decode_image, normalize, size_hw
     from pipeline.errors import DecodeError
-    from pipeline.sources import read_bytes
-    from pipeline.storage import access_errors
+    from pipeline.io.sources import read_bytes
+    from pipeline.io.storage import access_errors
 
     model = featup_ops.load_backbone(backbone, weights)
     up = (

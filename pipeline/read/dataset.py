@@ -2,7 +2,7 @@
 
 ``FeatureDataset(store, "hires")[i]`` is the ``i``-th complete row (status 1; failed and pending rows are skipped):
 ``{"features": (C, H, W) float32, "row": int, "image_id": str}`` plus ``"label"`` when a
-:class:`pipeline.labels.LabelSource` is given (``(Hl, Wl)`` int64 classes, 255 = ignore, or float32 depth),
+:class:`pipeline.evaluate.labels.LabelSource` is given (``(Hl, Wl)`` int64 classes, 255 = ignore, or float32 depth),
 aligned with the image the featurize job saw.
 
 Fork and pickle safety (``../shared/reference/ray-zarr-cupy-notes.md`` section 3): the constructor reads the store's
@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Sampler
 from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.errors import ConfigError, StoreError
+from pipeline.store.schema import Status, pair
 
 __all__ = [
     "FeatureDataset",
@@ -50,9 +51,6 @@ Channels = int | slice | tuple[int, int] | None
 FEATURE_ARRAYS = ("lowres", "hires", "implicit")
 """Row-aligned feature arrays a dataset can read."""
 
-STATUS_COMPLETE = 1
-
-
 @dataclass(frozen=True)
 class StoreGeometry:
     """What the featurize job did to each image, from the store's attributes: input ``(H, W)`` and resize policy."""
@@ -68,7 +66,7 @@ class StoreGeometry:
             raise StoreError(
                 "store attributes lack input_size or resize policy; it was not written by pipeline.featurize"
             )
-        return cls(_pair(size), str(policy))
+        return cls(pair(size, "input_size"), str(policy))
 
 
 def _first(attrs: dict[str, Any], *names: str) -> Any:
@@ -76,13 +74,6 @@ def _first(attrs: dict[str, Any], *names: str) -> Any:
         if attrs.get(n) is not None:
             return attrs[n]
     return None
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    a, b = v
-    return int(a), int(b)
 
 
 def _channel_slice(channels: Channels, total: int) -> slice:
@@ -112,7 +103,7 @@ class FeatureDataset(Dataset):
         channels: channel selection (see :data:`Channels`).
         crop: ``(top, left, height, width)`` window of the array's pixel grid; labels are cropped to the same
             window of the image (scaled when the array's size differs from the input size by an integer factor).
-        labels: a :class:`pipeline.labels.LabelSource` joined by image id; items then carry ``"label"``.
+        labels: a :class:`pipeline.evaluate.labels.LabelSource` joined by image id; items then carry ``"label"``.
         storage_options: fsspec options for ``s3://`` stores (endpoint from ``AWS_ENDPOINT_URL`` otherwise).
         rows: restrict to these manifest rows (e.g. a train/val split); rows that are not complete are dropped.
 
@@ -148,7 +139,7 @@ class FeatureDataset(Dataset):
         self.rows_per_shard = int(self.attrs.get("rows_per_shard") or (arr.shards or arr.chunks)[0])
         done = np.asarray(complete_rows(group), dtype=np.int64)
         if array == "implicit":
-            ok = np.asarray(group["implicit_status"][:]) == STATUS_COMPLETE
+            ok = np.asarray(group["implicit_status"][:]) == Status.COMPLETE
             done = done[ok[done]]
         if rows is not None:
             wanted = np.asarray(rows, dtype=np.int64)
@@ -343,8 +334,8 @@ class FeatureDataset(Dataset):
     def source_pixels(self, row: int) -> np.ndarray | None:
         """The row's source image decoded as the featurize job did: ``(H, W, 3) uint8``, or None when the source
         cannot be read any more (moved or deleted)."""
-        from pipeline.decode import decode_image
-        from pipeline.sources import read_bytes
+        from pipeline.io.decode import decode_image
+        from pipeline.io.sources import read_bytes
 
         geom = self.geometry or _maybe_geometry(self.attrs)
         if self._uris is None or geom is None:
@@ -487,9 +478,9 @@ def describe(store: str, *, storage_options: dict[str, Any] | None = None) -> st
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m pipeline.dataset STORE: print what the store holds and what a reader gets
+if __name__ == "__main__":  # python -m pipeline.read.dataset STORE: print what the store holds and what a reader gets
     import sys
 
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m pipeline.dataset STORE_URI")
+        raise SystemExit("usage: python -m pipeline.read.dataset STORE_URI")
     print(describe(sys.argv[1]))

@@ -11,7 +11,7 @@ same probe to upsampled ones).
 Depth: a 1x1 convolution regressing depth, mean squared error on valid pixels (target > 0), reported as RMSE and
 delta < 1.25 accuracy.
 
-Batches are dicts as yielded by a ``DataLoader`` over :class:`pipeline.dataset.FeatureDataset`:
+Batches are dicts as yielded by a ``DataLoader`` over :class:`pipeline.read.dataset.FeatureDataset`:
 ``features (B, C, H, W) float32`` and ``label (B, Hl, Wl)`` (int64 class ids for segmentation, float32 depth for the
 depth probe). Pure torch; no Ray, no Zarr.
 """
@@ -318,7 +318,7 @@ def evaluate_depth_probe(
 
 # ------------------------------------------------------------------------------------------ probes on feature stores
 # The store-level half: join stores on the same images, split them the same way, train and score one probe per
-# (store, seed). Imports pipeline.dataset lazily so the probe maths above stays pure torch.
+# (store, seed). Imports pipeline.read.dataset lazily so the probe maths above stays pure torch.
 
 VAL_SPLIT_SALT = "featup-probe-split"
 """Salt of the hash that assigns image ids to train/val, so every store (and every run) splits the same way."""
@@ -333,7 +333,7 @@ class ProbeRun:
         train_store: store to train on.
         val_store: store to score on (the same as ``train_store`` when the split is by ``val_ids``).
         train_ids / val_ids: image ids of the two sets (the same for every store being compared).
-        labels: a :class:`pipeline.labels.LabelSource`.
+        labels: a :class:`pipeline.evaluate.labels.LabelSource`.
         array: feature array scored ("hires", "lowres" or "implicit").
         train_array: feature array trained on (None = ``array``; "lowres" for the feature-preservation test).
         task: "segmentation" or "depth".
@@ -371,7 +371,7 @@ def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[
 
 
 def _dataset(store: str, array: str, ids: Sequence[str], run: ProbeRun) -> Any:
-    from pipeline.dataset import FeatureDataset, complete_image_ids
+    from pipeline.read.dataset import FeatureDataset, complete_image_ids
 
     by_id = complete_image_ids(store, array, storage_options=run.storage_options)
     rows = [by_id[i] for i in ids if i in by_id]

@@ -13,7 +13,7 @@ Sources (all local or ``s3://``):
   aligned the same way, returned as float32.
 
 Alignment: labels are resized with nearest neighbour (pixel-centre sampling, like torchvision's NEAREST_EXACT) and
-cropped or padded with exactly the geometry :func:`pipeline.decode.decode_image` applied to the image: policy
+cropped or padded with exactly the geometry :func:`pipeline.io.decode.decode_image` applied to the image: policy
 "crop" scales to cover the input size and centre-crops; policy "pad" scales to fit and pads bottom/right, where
 labels get the ignore value (255; depth 0). The geometry is :func:`resize_geometry`; ``tests/test_dataset.py``
 checks it against ``decode_image`` itself on a synthetic image.
@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from pipeline.decode import Geometry, resize_geometry
+from pipeline.io.decode import Geometry, resize_geometry
 from pipeline.errors import ConfigError, InputNotFoundError, PipelineError
 
 __all__ = [
@@ -183,14 +183,14 @@ class LabelSource:
         return list(dict.fromkeys(names))
 
     def _fs(self) -> tuple[Any, str]:
-        from pipeline.storage import filesystem
+        from pipeline.io.storage import filesystem
 
         return filesystem(self.root, self.storage_options)
 
     def read(self, image_id: str, uri: str | None = None) -> np.ndarray:
         """The raw label map of one image, ``(h, w)``: int64 classes (mapped per ``kind``; 255 = ignore) or float32
         depth (0 = invalid)."""
-        from pipeline.storage import access_errors
+        from pipeline.io.storage import access_errors
 
         with access_errors(f"labels {self.root!r}"):
             fs, base = self._fs()
