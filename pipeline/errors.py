@@ -12,6 +12,8 @@ __all__ = [
     "DecodeError",
     "ConfigError",
     "StorageAccessError",
+    "CorruptDataError",
+    "StoreBusyError",
 ]
 
 
@@ -34,6 +36,14 @@ class StoreError(PipelineError, ValueError):
 class StorageAccessError(PipelineError, OSError):
     """A path or object store cannot be reached or written: no credentials, unreachable endpoint, access denied,
     missing bucket, read-only folder."""
+
+
+class CorruptDataError(StoreError):
+    """A stored chunk failed its checksum (or could not be decoded): the message names the row, shard and fix."""
+
+
+class StoreBusyError(StoreError):
+    """Another job holds the store's lock (two drivers must never write one store at once)."""
 
 
 class DecodeError(PipelineError, ValueError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,10 @@ class FeatureDataset(Dataset):
         labels: a :class:`pipeline.evaluate.labels.LabelSource` joined by image id; items then carry ``"label"``.
         storage_options: fsspec options for ``s3://`` stores (endpoint from ``AWS_ENDPOINT_URL`` otherwise).
         rows: restrict to these manifest rows (e.g. a train/val split); rows that are not complete are dropped.
+        on_damaged: what a row whose chunk fails its checksum does (format-2 stores checksum every chunk):
+            ``"stop"`` raises :class:`pipeline.errors.CorruptDataError`, one line naming the row, shard and fix;
+            ``"skip"`` leaves it out of the batch read by :meth:`__getitems__` (the DataLoader path) with a
+            warning and counts it in :attr:`damaged_rows` (a single :meth:`__getitem__` still raises).
 
     Items: ``{"features": (C', H', W') float32, "row": int, "image_id": str[, "label": (Hl, Wl)]}``.
     """
@@ -120,9 +125,15 @@ class FeatureDataset(Dataset):
         labels: Any = None,
         storage_options: dict[str, Any] | None = None,
         rows: Sequence[int] | np.ndarray | None = None,
+        on_damaged: str = "stop",
     ) -> None:
         from pipeline.store import complete_rows, open_store, read_attrs
 
+        if on_damaged not in ("stop", "skip"):
+            raise ConfigError(f"on_damaged={on_damaged!r}; choose 'stop' or 'skip'")
+        self.on_damaged = on_damaged
+        #: Rows left out because their chunk failed its checksum (``on_damaged="skip"``), in this process.
+        self.damaged_rows: set[int] = set()
         if array not in FEATURE_ARRAYS:
             raise ConfigError(f"unknown feature array {array!r}; choose one of {', '.join(FEATURE_ARRAYS)}")
         self.store = str(store)
@@ -221,7 +232,10 @@ class FeatureDataset(Dataset):
         row = int(self.rows[i])
         # torch's vectorised half -> float is several times faster than numpy's astype(float32); copy=True so a
         # float32 store never hands out a view of the staging buffer
-        feats = self._as_tensor(self._read(row, row + 1)[0]).to(torch.float32, copy=True)
+        block, bad = self._read_checked(row, row + 1)
+        if bad:
+            raise self._damage(row, bad[row])
+        feats = self._as_tensor(block[0]).to(torch.float32, copy=True)
         return self._item(row, feats)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -245,13 +259,17 @@ class FeatureDataset(Dataset):
             while stop < len(order) and rows[order[stop]] == rows[order[stop - 1]] + 1:
                 stop += 1
             r0, r1 = int(rows[order[start]]), int(rows[order[stop - 1]])
-            block = self._read(r0, r1 + 1)
+            block, bad = self._read_checked(r0, r1 + 1)
             for k in range(start, stop):
                 pos = int(order[k])
+                if int(rows[pos]) in bad:
+                    continue
                 feats = batch[pos]
                 feats.copy_(self._as_tensor(block[int(rows[pos]) - r0]))
                 items[pos] = self._item(int(rows[pos]), feats)
             start = stop
+        if any(it is None for it in items):
+            return [it for it in items if it is not None]
         return items  # type: ignore[return-value]
 
     def loader(
@@ -295,6 +313,47 @@ class FeatureDataset(Dataset):
             (slice(start, stop), self._ch, self._ys, self._xs), out=NDBuffer.from_numpy_array(view)
         )
         return view
+
+    def _read_checked(self, start: int, stop: int) -> tuple[np.ndarray, dict[int, BaseException]]:
+        """:meth:`_read`, and the rows whose chunk is damaged (``{row: error}``; their values are not valid).
+
+        With ``on_damaged="stop"`` the first damaged row raises instead; with ``"skip"`` each one is warned about
+        and counted in :attr:`damaged_rows`."""
+        from pipeline.store.checksum import is_damage
+
+        try:
+            return self._read(start, stop), {}
+        except Exception as e:
+            if not is_damage(e):
+                raise
+        bad: dict[int, BaseException] = {}
+        view = None
+        for r in range(start, stop):  # find the damaged rows: one chunk at a time
+            try:
+                one = self._read(r, r + 1)[0].copy()
+            except Exception as e:
+                if not is_damage(e):
+                    raise
+                if self.on_damaged == "stop":
+                    raise self._damage(r, e) from None
+                bad[r] = e
+                continue
+            if view is None:
+                view = np.empty((stop - start, *one.shape), dtype=one.dtype)
+            view[r - start] = one
+        for r, e in bad.items():
+            if r not in self.damaged_rows:
+                self.damaged_rows.add(r)
+                warnings.warn(f"FeatureDataset: skipped {len(self.damaged_rows)} damaged row(s) so far; "
+                              f"{self._damage(r, e)}", RuntimeWarning, stacklevel=3)
+        if view is None:
+            view = np.zeros((stop - start, *self.item_shape), dtype=self._array().dtype)
+        return view, bad
+
+    def _damage(self, row: int, cause: BaseException) -> Exception:
+        from pipeline.store.checksum import damage_error
+
+        return damage_error(self.store, self._array(), row, self.rows_per_shard, cause)
 
     def _as_tensor(self, block: np.ndarray) -> torch.Tensor:
         """Stored values as a tensor (bfloat16 bits reinterpreted), sharing memory with ``block``."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.store.foreign import array_kwargs
 from pipeline.store.schema import Status
 from pipeline.store.zarr_store import code_version, complete_rows, read_attrs
 
@@ -150,7 +151,7 @@ def add_implicit_arrays(
     want = {
         IMPLICIT: dict(
             shape=(n, c, hi, wi), dtype=hires.dtype, chunks=(1, c, hi, wi), shards=(rows, c, hi, wi),
-            compressors=hires.compressors, fill_value=0,
+            compressors=[c for c in hires.compressors if type(c).__name__ != "Crc32cCodec"], fill_value=0,
         ),
         IMPLICIT_ERROR: dict(shape=(n,), dtype=str, chunks=(rows,), fill_value=""),
         IMPLICIT_STATUS: dict(shape=(n,), dtype="uint8", chunks=(rows,), fill_value=int(Status.PENDING)),
@@ -164,7 +165,7 @@ def add_implicit_arrays(
                     "write the implicit features to a fresh store"
                 )
             continue
-        group.create_array(name, **spec)
+        group.create_array(name, **array_kwargs(name, spec, feature_dtype=attrs.get("dtype")))
     if recorded is None:
         group.attrs[ATTRS_KEY] = settings
         return settings

@@ -25,7 +25,10 @@ Rules:
   region of every array (deleting any old shard object first, so a torn shard from a crash is replaced, never
   merged), then ``status`` last. A row is complete only when ``status == 1``.
 - **Features dtype**: float16 / float32 are stored as such; bfloat16 is stored as its raw ``uint16`` bits (Zarr has
-  no bfloat16) with ``attrs["featup"]["dtype"] == "bfloat16"``; :func:`to_torch` turns either back into a tensor.
+  no bfloat16) with ``attrs["featup"]["dtype"] == "bfloat16"`` on the group and on each feature array;
+  :func:`to_torch` turns either back into a tensor.
+- **Format 2** (:mod:`.checksum`, :mod:`.foreign`): crc32c on every chunk, ``dimension_names`` on every array, and
+  the string columns also as Parquet under ``rows/parquet/``; format-1 stores are read, not resumed.
 - **Attributes** under the key ``"featup"``: the :class:`FeatureStoreSchema` fields, the job settings (backbone,
   weights hash, upsampler config and checkpoint hash, input size, stride, normalisation, resize policy, PCA basis,
   manifest digest), ``fingerprint`` (hash of schema + settings: a rerun with any other value is refused),
@@ -59,8 +62,11 @@ __all__ = [
     "to_torch",
 ]
 
-#: Version of the layout described above; bumped on any change a reader must know about.
-FORMAT_VERSION: int = 1
+#: Version of the layout described above; bumped on any change a reader must know about. 2: crc32c on every chunk,
+#: ``dimension_names``, bfloat16 marked on the arrays, Parquet copy of the string columns (:mod:`.foreign`).
+FORMAT_VERSION: int = 2
+#: Format versions this code reads (format 1 lacks only what format 2 added; it is read unverified).
+READABLE_VERSIONS: tuple[int, ...] = (1, 2)
 #: Group attribute key holding everything this module writes.
 ATTRS_KEY: str = "featup"
 #: Target uncompressed bytes of one shard of ``hires``: large enough that object stores see few, big objects
@@ -193,8 +199,11 @@ class FeatureStoreSchema:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureStoreSchema":
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"feature store format_version {version!r} is not {FORMAT_VERSION}; rewrite the store")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(
+                f"feature store format_version {version!r} is not one of {READABLE_VERSIONS}; read it with the "
+                "version that wrote it, or featurize the images again into a new --output"
+            )
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
 

@@ -21,6 +21,7 @@ import zarr
 from pipeline.errors import StoreError, StoreMismatchError
 from pipeline.fmt import fmt_bytes
 from pipeline.io.storage import access_errors, filesystem, is_remote, resolve_storage_options
+from pipeline.store.foreign import array_kwargs, check_resumable_format, rows_sidecar_group, write_rows_sidecar
 from pipeline.store.schema import ATTRS_KEY, CODECS, FeatureStoreSchema, Status
 
 __all__ = [
@@ -128,25 +129,28 @@ def _ensure_arrays(group: zarr.Group, schema: FeatureStoreSchema) -> None:
     compressor = CODECS[schema.codec]()
     for name in ("image_id", "uri", "error"):
         if name not in have:
-            group.create_array(name, shape=(n,), chunks=(rows,), dtype=str, fill_value="")
+            group.create_array(name, **array_kwargs(name, dict(shape=(n,), chunks=(rows,), dtype=str, fill_value="")))
     for name in ("orig_size", "valid_size"):
         if name not in have:
-            group.create_array(name, shape=(n, 2), chunks=(rows, 2), dtype="int32", fill_value=0)
+            group.create_array(name, **array_kwargs(name, dict(shape=(n, 2), chunks=(rows, 2), dtype="int32",
+                                                               fill_value=0)))
     for name, row_shape in schema.feature_arrays().items():
         if name not in have:
-            group.create_array(
-                name,
+            group.create_array(name, **array_kwargs(name, dict(
                 shape=(n, *row_shape),
                 chunks=(1, *row_shape),
                 shards=(rows, *row_shape),
                 dtype=schema.storage_dtype,
                 fill_value=0,
                 compressors=compressor,
-            )
+            ), feature_dtype=schema.dtype))
     extra = ["implicit_status"] if schema.implicit_size is not None else []
     for name in [*extra, "status"]:
         if name not in have:
-            group.create_array(name, shape=(n,), chunks=(rows,), dtype="uint8", fill_value=0)
+            group.create_array(name, **array_kwargs(name, dict(shape=(n,), chunks=(rows,), dtype="uint8",
+                                                               fill_value=0)))
+    if schema.format_version >= 2:
+        rows_sidecar_group(group)
 
 
 def _holds_files(uri: str, storage_options: dict[str, Any] | None) -> bool:
@@ -205,6 +209,7 @@ def create_or_open_store(
                 raise StoreError(f"{uri!r} holds a Zarr group that is not a feature store; choose another --output")
         else:
             old = read_attrs(existing)
+            check_resumable_format(uri, old, schema.format_version)
             if old.get("fingerprint") != fp:
                 new = {**schema.to_dict(), **settings}
                 was = {k: v for k, v in old.items() if k in new}
@@ -267,6 +272,8 @@ def write_shard(group: zarr.Group, shard: int, data: dict[str, np.ndarray]) -> i
             _delete_shard_objects(arr, (shard,) + (0,) * (arr.ndim - 1))
         arr[start:stop] = value
         written += value.nbytes
+    if schema.format_version >= 2 and {"image_id", "uri", "error"} <= set(data):
+        write_rows_sidecar(group, shard, start, data)  # before status: a complete row is always in the Parquet copy
     status = np.asarray(data["status"], dtype=np.uint8)
     if status.shape != (n,):
         raise StoreError(f"shard {shard}: status has shape {status.shape}, expected ({n},)")
