@@ -9,7 +9,8 @@ The store is written with ``pipeline.store``'s writer and the codec given (defau
 features are smooth like real upsampled features (bilinear upsampling of random low-res maps), so compression
 behaves as it does on real stores.
 
-Run: ``python -m benchmarks.dataset_read [--rows 96] [--channels 128] [--size 112] [--batch-size 8] [--workers 0 2]``
+Run: ``python -m benchmarks.dataset_read [--rows 96] [--channels 128] [--size 112] [--batch-size 8] [--workers 0 2]
+[--no-checksum-too]``; the last also reads a copy of the store without crc32c and prints with / without.
 """
 from __future__ import annotations
 
@@ -71,6 +72,24 @@ def write_inputs(root: Path, rows: int, channels: int, size: int, codec: str, se
     return uri, npy
 
 
+def without_checksums(uri: str) -> str:
+    """A copy of the store at ``uri`` whose arrays lack the crc32c codec (what format 1 wrote), same values, beside it;
+    returns its URI. For measuring what verifying every chunk costs a reader."""
+    import zarr
+
+    src = zarr.open_group(uri, mode="r")
+    out = uri[: -len(".zarr")] + "-nocrc.zarr"
+    dst = zarr.open_group(out, mode="w", attributes=dict(src.attrs))
+    for name in src.array_keys():
+        a = src[name]
+        comp = [c for c in a.compressors if type(c).__name__ != "Crc32cCodec"]
+        b = dst.create_array(name, shape=a.shape, chunks=a.chunks, shards=a.shards, dtype=a.dtype,
+                             fill_value=a.fill_value, compressors=comp or None,
+                             dimension_names=a.metadata.dimension_names)
+        b[:] = a[:]
+    return out
+
+
 def numpy_pass(files: list[Path], batch_size: int) -> int:
     """One pass of plain numpy delivering what the DataLoader delivers: ``(B, C, H, W) float32`` batches of
     ``batch_size`` rows, each ``np.load``-ed from its file (batches in file order)."""
@@ -119,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--codec", default=DEFAULT_CODEC)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the best of each reader is reported")
+    p.add_argument("--no-checksum-too", action="store_true",
+                   help="also read a copy of the store without crc32c (format 1's codecs): the checksums' cost")
     p.add_argument("--dir", default=None, help="working folder (default: a temporary one, removed afterwards)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # a benchmark process of its own: one thread each side, as loader workers run
@@ -130,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         files = sorted(npy.glob("*.npy"))
         loaders = {f"store DataLoader w={w}": make_loader(uri, args.batch_size, w) for w in args.workers}
         fns: dict[str, Any] = {"numpy .npy loop": lambda: numpy_pass(files, args.batch_size)}
+        if args.no_checksum_too:
+            plain = without_checksums(uri)
+            loaders.update({f"no-crc DataLoader w={w}": make_loader(plain, args.batch_size, w) for w in args.workers})
         fns.update({name: (lambda ld=ld: loader_pass(ld)) for name, ld in loaders.items()})
         out = interleaved_best(fns, args.repeats)
         base, base_cpu = out["numpy .npy loop"]
@@ -143,6 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if name != "numpy .npy loop":
                     line += f", CPU ratio {cpu / base_cpu:.2f}"
             print(line)
+        for w in args.workers if args.no_checksum_too else []:
+            crc, plain_r = out[f"store DataLoader w={w}"], out[f"no-crc DataLoader w={w}"]
+            cpu = f", per CPU-s {crc[1] / plain_r[1]:.3f}" if w == 0 else ""
+            print(f"crc32c read cost, workers={w}: with / without checksums = {crc[0] / plain_r[0]:.3f} wall{cpu}")
         del loaders
     return out
 
