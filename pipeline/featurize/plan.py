@@ -30,6 +30,7 @@ from pipeline.fmt import fmt_bytes, fmt_time
 from pipeline.io.decode import decode_image
 from pipeline.io.sources import Manifest, build_manifest, read_many
 from pipeline.io.storage import check_writable
+from pipeline.store.lock import store_lock
 from pipeline.store import (
     FeatureStoreSchema,
     create_or_open_store,
@@ -315,7 +316,8 @@ def _run_plan(
 def main_from_config(cfg: FeaturizeConfig) -> int:
     """Run a job from a config and print the store summary; exit code 0 when every row is done, 1 if some are pending.
     Bad input raises (the job entry points print it as one line, see :func:`pipeline.cli.run_job`)."""
-    result = run_featurize(cfg)
+    with store_lock(cfg.output, cfg.storage_options):  # one driver per store (pipeline/store/lock.py)
+        result = run_featurize(cfg)
     if not cfg.quiet:
         print(store_summary(cfg.output, cfg.storage_options))
         print(json.dumps(result))
