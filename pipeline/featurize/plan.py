@@ -30,6 +30,7 @@ from pipeline.fmt import fmt_bytes, fmt_time
 from pipeline.io.decode import decode_image
 from pipeline.io.sources import Manifest, build_manifest, read_many
 from pipeline.io.storage import check_writable
+from pipeline.store.failures import write_errors
 from pipeline.store.lock import store_lock
 from pipeline.store import (
     FeatureStoreSchema,
@@ -308,7 +309,7 @@ def _run_plan(
         **resources,
     )
     sink = ZarrFeatureDatasink(cfg.output, storage_options=cfg.storage_options)
-    with _Progress(cfg, group, schema.n_rows, before["complete"] + before["failed"]):
+    with _Progress(cfg, group, schema.n_rows, before["complete"] + before["failed"]), write_errors(cfg.output):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.decode_cpus})
     return sink.result
 
