@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.featurize import run_featurize
 from pipeline.store import open_store, status_counts
+from test_store_format import assert_foreign_readers_agree
 
 pytestmark = pytest.mark.slow
 
@@ -57,3 +58,4 @@ def test_a_failed_write_is_one_line_and_the_store_resumes(ray_local, samples_dir
     again = open_store(str(out))
     for name in NUMERIC:
         np.testing.assert_array_equal(np.asarray(again[name][:]), clean[name], err_msg=name)
+    assert_foreign_readers_agree(str(out))  # a store the job wrote: tensorstore and xarray read what zarr reads

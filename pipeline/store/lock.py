@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pipeline.errors import StoreBusyError
-from pipeline.io.storage import access_errors, filesystem, is_remote
+from pipeline.io.storage import access_errors, check_writable, filesystem, is_remote
 
 __all__ = ["LOCK_SUFFIX", "lock_uri", "store_lock"]
 
@@ -96,6 +96,7 @@ def store_lock(uri: str, storage_options: dict[str, Any] | None = None, *, job: 
             if _HELD[target][1] == 0:
                 del _HELD[target]
         return
+    check_writable(uri, storage_options)  # a missing bucket or a file in the way: the usual one line, nothing made
     host, pid = socket.gethostname(), os.getpid()
     token = uuid.uuid4().hex
     owner = {"host": host, "pid": pid, "job": job, "token": token,
