@@ -49,7 +49,7 @@ def test_a_failed_write_is_one_line_and_the_store_resumes(ray_local, samples_dir
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"featurize: store {str(out)!r}: writing failed: Not a directory; a file stands where "
                            "the store needs a folder"), proc.stderr[-3000:]
-    assert last.endswith("then rerun the same command to resume (written shards are kept)")
+    assert last.endswith("the store is resumable: rerun the same command (written shards are kept)")
     assert "Traceback" not in proc.stderr and "RayTaskError" not in proc.stderr, proc.stderr[-3000:]
     assert status_counts(open_store(str(out))) == {"complete": 2, "failed": 0, "pending": 2}
     (out / "hires" / "c" / "0").unlink()  # the fix; then the same job resumes

@@ -29,6 +29,7 @@ _FIXES: dict[int, str] = {
     errno.EACCES: "give the job write permission there or choose another --output",
     errno.EPERM: "give the job write permission there or choose another --output",
     errno.ENOTDIR: "a file stands where the store needs a folder; remove it (or choose another --output)",
+    errno.EISDIR: "a folder stands where the store writes an object; remove it (or choose another --output)",
     errno.EIO: "check the device (I/O error)",
 }
 #: Loggers whose handlers Ray Data's error reports pass through.
@@ -53,13 +54,13 @@ def root_failure(e: BaseException) -> BaseException:
 
 def write_failure_message(uri: str, e: BaseException) -> str:
     """One line: the store, why writing failed, the fix, and that the same command resumes."""
-    if isinstance(e, OSError) and e.errno in _FIXES:
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:  # Ray re-raises with its text as filename
         where = e.filename if isinstance(e.filename, str) and e.filename.startswith(("/", "s3://")) else None
-        reason = f"{e.strerror or type(e).__name__}" + (f" at {where}" if where and "\n" not in where else "")
-        reason += f"; {_FIXES[e.errno]}"
+        reason = e.strerror + (f" at {where}" if where and "\n" not in where else "")
+        reason += f"; {_FIXES.get(e.errno, 'check the storage')}"
     else:
-        reason = describe_failure(e)
-    return (f"store {uri!r}: writing failed: {reason}; then rerun the same command to resume "
+        reason = describe_failure(e).split("Failed to apply UDF")[0].rstrip(" (")
+    return (f"store {uri!r}: writing failed: {reason}; the store is resumable: rerun the same command "
             "(written shards are kept)")
 
 
