@@ -46,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_job("fit_implicit", lambda: _run(args))
+    return run_job("fit_implicit", lambda: _locked(args))
+
+
+def _locked(args: argparse.Namespace) -> int:
+    """:func:`_run` holding the store's lock: one driver per store (pipeline/store/lock.py)."""
+    from pipeline.store.lock import store_lock
+
+    with store_lock(args.store, args.storage_options, job="fit_implicit"):
+        return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:

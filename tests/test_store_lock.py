@@ -88,3 +88,13 @@ def test_two_jobs_started_at_once_never_interleave(where, tmp_path, request, sam
     assert rows.column("row").to_pylist() == [0, 1, 2, 3]
     assert rows.column("image_id").to_pylist() == [str(v) for v in np.asarray(g["image_id"][:])]
     assert not _exists(lock_uri(out))
+
+
+def test_fit_implicit_on_a_locked_store_is_refused_with_one_line(tmp_path):
+    out = str(tmp_path / "feats.zarr")
+    with store_lock(out, job="featurize"):
+        proc = subprocess.run([sys.executable, str(REPO / "jobs" / "fit_implicit.py"), "--store", out],
+                              capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err, err
+    assert err.startswith(f"fit_implicit: store {out!r} is being written by featurize job pid {os.getpid()}")
