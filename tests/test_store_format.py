@@ -3,7 +3,6 @@ foreign Zarr v3 readers (xarray, tensorstore, pyarrow) read what zarr-python rea
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
