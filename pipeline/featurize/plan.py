@@ -42,16 +42,27 @@ from pipeline.store import (
 
 __all__ = ["run_featurize", "plan_sizes", "main_from_config"]
 
-def plan_sizes(schema: FeatureStoreSchema, codec: str) -> str:
-    """The line printed before a job starts: bytes per image and in total (uncompressed and expected on disk)."""
+def plan_sizes(schema: FeatureStoreSchema, codec: str, input_size: tuple[int, int] | None = None) -> str:
+    """The line printed before a job starts: bytes per image and in total (uncompressed and expected on disk); with
+    ``input_size``, also both store modes' bytes (materialized vs on-read)."""
     per = schema.row_bytes
     total = per * schema.n_rows
     ratio = MEASURED_RATIO.get(codec, 1.0)
     c, (h, w), (hh, ww) = schema.channels, schema.lowres_size, schema.output_size
+    if schema.on_read:
+        gh, gw = schema.input_size
+        what = f"guidance {gh}x{gw}x3 uint8, hires {c}x{hh}x{ww} on read"
+    else:
+        what = f"hires {c}x{hh}x{ww}"
+    modes = ""
+    if input_size is not None:
+        from pipeline.store.compact import modes_size_text
+
+        modes = "; " + modes_size_text(schema, input_size)
     return (
         f"featurize: {schema.n_rows} images -> per image {fmt_bytes(per)} ({schema.dtype}: lowres {c}x{h}x{w} + "
-        f"hires {c}x{hh}x{ww}); total {fmt_bytes(total)} uncompressed, ~{fmt_bytes(total / ratio)} on disk with "
-        f"{codec} (~{ratio:.2f}x measured); {schema.rows_per_shard} images per shard, {schema.num_shards} shards"
+        f"{what}); total {fmt_bytes(total)} uncompressed, ~{fmt_bytes(total / ratio)} on disk with "
+        f"{codec} (~{ratio:.2f}x measured); {schema.rows_per_shard} images per shard, {schema.num_shards} shards{modes}"
     )
 
 
@@ -171,6 +182,7 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         storage_options=cfg.storage_options,
         torch_threads=cfg.torch_threads,
+        hires_mode=cfg.hires,
     )
     backbone, upsampler = build_models(spec)  # validates names, weights and checkpoint on the driver
     stride = backbone.stride
@@ -186,13 +198,19 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         )
     if cfg.pca is not None and cfg.pca > backbone.dim:
         raise ConfigError(f"--pca {cfg.pca} is more than the {backbone.dim} channels of {cfg.backbone!r}")
+    on_read = cfg.hires == "on-read"  # compact store mode (pipeline/featurize/compact.py)
+    if on_read:
+        from pipeline.featurize.compact import check_on_read
+
+        check_on_read(upsampler, cfg.pca)
     lowres_hw = (input_hw[0] // stride, input_hw[1] // stride)
     channels = cfg.pca or backbone.dim
     probe = FeatureStoreSchema(
         n_rows=len(manifest), channels=channels, lowres_size=lowres_hw, output_size=spec.output_size,
-        dtype=cfg.dtype, codec=cfg.codec,
+        dtype=cfg.dtype, codec=cfg.codec, hires_mode=cfg.hires, input_size=input_hw if on_read else None,
     )
-    schema = replace(probe, rows_per_shard=cfg.rows_per_shard or rows_per_shard_for(probe.hires_row_bytes))
+    shard_row_bytes = probe.row_bytes if on_read else probe.hires_row_bytes
+    schema = replace(probe, rows_per_shard=cfg.rows_per_shard or rows_per_shard_for(shard_row_bytes))
     ckpt_hash = None
     if cfg.upsampler:
         from featup_ops.checkpoint import checkpoint_hash
@@ -218,13 +236,18 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         settings,
         storage_options=cfg.storage_options,
         extra_attrs=lambda: {
-            "pca": None if cfg.pca is None else _fit_pca_basis(cfg, manifest, backbone, input_hw).to_dict()
+            "pca": None if cfg.pca is None else _fit_pca_basis(cfg, manifest, backbone, input_hw).to_dict(),
+            "settings_keys": sorted(settings),  # what jobs/materialize.py carries over into a materialized store
         },
     )
+    if on_read and cfg.upsampler:  # the compact store keeps its own copy of the checkpoint
+        from pipeline.store.compact import store_upsampler
+
+        store_upsampler(group, cfg.output, cfg.upsampler, ckpt_hash, storage_options=cfg.storage_options)
     attrs = read_attrs(group)
     spec = replace(spec, pca=attrs.get("pca"))
     del backbone, upsampler
-    _say(cfg, plan_sizes(schema, cfg.codec))
+    _say(cfg, plan_sizes(schema, cfg.codec, input_hw))
     implicit = None
     if cfg.implicit:  # its own plan and actors, beside the main plan (pipeline/featurize/implicit.py)
         from pipeline.featurize.implicit import start_featurize_implicit

@@ -106,8 +106,12 @@ class FeatureDataset(Dataset):
         labels: a :class:`pipeline.evaluate.labels.LabelSource` joined by image id; items then carry ``"label"``.
         storage_options: fsspec options for ``s3://`` stores (endpoint from ``AWS_ENDPOINT_URL`` otherwise).
         rows: restrict to these manifest rows (e.g. a train/val split); rows that are not complete are dropped.
+        device: where items' features live. For ``"hires"`` of an on-read (compact) store, also where the stored
+            upsampler runs (``"cuda"``: batched on the GPU of the consuming process; use ``num_workers=0``).
+        size: ``(Ho, Wo)`` (or one side) of ``"hires"`` of an on-read store; None = the store's output size.
 
-    Items: ``{"features": (C', H', W') float32, "row": int, "image_id": str[, "label": (Hl, Wl)]}``.
+    Items: ``{"features": (C', H', W') float32, "row": int, "image_id": str[, "label": (Hl, Wl)]}``, the same from a
+    materialized and an on-read store made with the same settings (within the store dtype's rounding).
     """
 
     def __init__(
@@ -120,6 +124,8 @@ class FeatureDataset(Dataset):
         labels: Any = None,
         storage_options: dict[str, Any] | None = None,
         rows: Sequence[int] | np.ndarray | None = None,
+        device: str = "cpu",
+        size: int | tuple[int, int] | None = None,
     ) -> None:
         from pipeline.store import complete_rows, open_store, read_attrs
 
@@ -131,10 +137,17 @@ class FeatureDataset(Dataset):
         self.labels = labels
         group = open_store(self.store, mode="r", storage_options=self.storage_options)
         self.attrs: dict[str, Any] = dict(read_attrs(group))
-        if array not in group:
+        self.device = str(device)
+        # issue 14 hook: "hires" of an on-read store is produced from lowres + guidance (pipeline/read/on_read.py)
+        from pipeline.read.on_read import open_on_read
+
+        self._on_read = open_on_read(self, group, array, size)
+        if self._on_read is None and array not in group:
             raise StoreError(f"store {self.store} has no {array!r} array; featurize with the option that writes it")
-        arr = group[array]
+        arr = group["lowres" if self._on_read is not None else array]
         self.array_shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
+        if self._on_read is not None:
+            self.array_shape = (self.array_shape[0], self.array_shape[1], *self._on_read.size)
         self._bfloat16 = self.attrs.get("dtype") == "bfloat16"
         self.rows_per_shard = int(self.attrs.get("rows_per_shard") or (arr.shards or arr.chunks)[0])
         done = np.asarray(complete_rows(group), dtype=np.int64)
@@ -176,6 +189,7 @@ class FeatureDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_arr"], state["_pid"] = None, None
+        state.pop("_compact", None), state.pop("_compact_pid", None)  # on-read array handles (pipeline/read/on_read.py)
         del state["_staging"]
         return state
 
@@ -221,7 +235,7 @@ class FeatureDataset(Dataset):
         row = int(self.rows[i])
         # torch's vectorised half -> float is several times faster than numpy's astype(float32); copy=True so a
         # float32 store never hands out a view of the staging buffer
-        feats = self._as_tensor(self._read(row, row + 1)[0]).to(torch.float32, copy=True)
+        feats = self._as_tensor(self._read(row, row + 1)[0]).to(self.device, torch.float32, copy=True)
         return self._item(row, feats)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -237,7 +251,8 @@ class FeatureDataset(Dataset):
                 raise IndexError(f"index {i} out of range for {len(self)} complete rows")
         rows = self.rows[idx]
         order = np.argsort(rows, kind="stable")
-        batch = _new_batch((len(idx), *self.item_shape))
+        shape = (len(idx), *self.item_shape)
+        batch = _new_batch(shape) if self.device == "cpu" else torch.empty(shape, device=self.device)
         items: list[dict[str, Any] | None] = [None] * len(idx)
         start = 0
         while start < len(order):
@@ -283,6 +298,10 @@ class FeatureDataset(Dataset):
         zarr decodes straight into a reused, already-paged-in buffer (``out=``) instead of allocating a fresh one
         per read; the caller copies out (the float32 conversion does). Valid until this thread's next read.
         """
+        if self._on_read is not None:  # (n, C', H', W') float32 tensor on the device, computed from compact arrays
+            from pipeline.read.on_read import read_on_read
+
+            return read_on_read(self, start, stop)
         arr = self._array()
         n = stop - start
         shape = (n, self.num_channels, self._ys.stop - self._ys.start, self._xs.stop - self._xs.start)
@@ -298,6 +317,8 @@ class FeatureDataset(Dataset):
 
     def _as_tensor(self, block: np.ndarray) -> torch.Tensor:
         """Stored values as a tensor (bfloat16 bits reinterpreted), sharing memory with ``block``."""
+        if isinstance(block, torch.Tensor):  # produced on read (already float32)
+            return block
         t = torch.from_numpy(np.ascontiguousarray(block))
         return t.view(torch.bfloat16) if self._bfloat16 else t
 

@@ -10,7 +10,8 @@ array              shape                chunk / shard         meaning
 ``orig_size``      ``(N, 2)`` int32     S rows                ``(h, w)`` of the image after EXIF rotation
 ``valid_size``     ``(N, 2)`` int32     S rows                ``(h, w)`` of the image inside the input (``pad``)
 ``lowres``         ``(N, C, h, w)``     1 row / S rows        backbone features
-``hires``          ``(N, C, H, W)``     1 row / S rows        upsampled features
+``hires``          ``(N, C, H, W)``     1 row / S rows        upsampled features (materialized mode only)
+``guidance``       ``(N, Hi, Wi, 3)`` u8  1 row / S rows      on-read mode only: the decoded, resized input image
 ``implicit``       ``(N, C, Hi, Wi)``   1 row / S rows        optional per-image implicit features
 ``implicit_status`` ``(N,)`` uint8      S rows                optional; 1 where ``implicit`` is written
 ``error``          ``(N,)`` str         S rows                failure reason, ``""`` for good rows
@@ -26,6 +27,11 @@ Rules:
   merged), then ``status`` last. A row is complete only when ``status == 1``.
 - **Features dtype**: float16 / float32 are stored as such; bfloat16 is stored as its raw ``uint16`` bits (Zarr has
   no bfloat16) with ``attrs["featup"]["dtype"] == "bfloat16"``; :func:`to_torch` turns either back into a tensor.
+- **hires mode** (``hires_mode``): ``"materialized"`` (default) stores ``hires``; ``"on-read"`` (compact) stores
+  ``guidance`` instead, plus the upsampler under the sub-group ``upsampler/`` (its checkpoint files, verified by
+  hash on open; :mod:`pipeline.store.compact`), and readers compute ``hires`` from ``lowres`` + ``guidance``
+  (:mod:`pipeline.read.on_read`). ``hires_mode`` and ``input_size`` enter the attributes only for on-read stores,
+  so every materialized store keeps its fingerprint.
 - **Attributes** under the key ``"featup"``: the :class:`FeatureStoreSchema` fields, the job settings (backbone,
   weights hash, upsampler config and checkpoint hash, input size, stride, normalisation, resize policy, PCA basis,
   manifest digest), ``fingerprint`` (hash of schema + settings: a rerun with any other value is refused),
@@ -33,7 +39,7 @@ Rules:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +58,7 @@ __all__ = [
     "DTYPE_BYTES",
     "FORMAT_VERSION",
     "FeatureStoreSchema",
+    "HIRES_MODES",
     "Status",
     "pair",
     "rows_per_shard_for",
@@ -82,6 +89,8 @@ CODECS: dict[str, Any] = {
     "none": lambda: None,
 }
 DEFAULT_CODEC: str = "blosc-zstd"
+#: How ``hires`` is kept: stored (``materialized``) or produced by the reader from the compact arrays (``on-read``).
+HIRES_MODES: tuple[str, ...] = ("materialized", "on-read")
 
 
 class Status(IntEnum):
@@ -124,6 +133,8 @@ class FeatureStoreSchema:
         codec: key of :data:`CODECS`.
         implicit_size: ``(Hi, Wi)`` when the store has an ``implicit`` array, else None.
         format_version: :data:`FORMAT_VERSION`.
+        hires_mode: one of :data:`HIRES_MODES`; ``"on-read"`` stores ``guidance`` instead of ``hires``.
+        input_size: ``(Hin, Win)`` of the backbone input (the ``guidance`` image); required for on-read stores.
     """
 
     n_rows: int
@@ -135,6 +146,9 @@ class FeatureStoreSchema:
     codec: str = DEFAULT_CODEC
     implicit_size: tuple[int, int] | None = None
     format_version: int = FORMAT_VERSION
+    # --- compact store mode (issue 14): on-read stores keep ``guidance`` (uint8 input image) instead of ``hires``
+    hires_mode: str = "materialized"
+    input_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -147,6 +161,36 @@ class FeatureStoreSchema:
         object.__setattr__(self, "output_size", pair(self.output_size, "output_size"))
         if self.implicit_size is not None:
             object.__setattr__(self, "implicit_size", pair(self.implicit_size, "implicit_size"))
+        if self.hires_mode not in HIRES_MODES:
+            raise ConfigError(f"unknown hires mode {self.hires_mode!r}; choose one of {', '.join(HIRES_MODES)}")
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", pair(self.input_size, "input_size"))
+        elif self.on_read:
+            raise StoreError("an on-read store needs input_size (the guidance image size)")
+
+    @property
+    def on_read(self) -> bool:
+        """True for a compact store (``hires`` produced on read)."""
+        return self.hires_mode == "on-read"
+
+    @property
+    def guidance_row_bytes(self) -> int:
+        """Uncompressed bytes of one row of ``guidance`` (0 for a materialized store)."""
+        return 0 if not self.on_read else 3 * self.input_size[0] * self.input_size[1]
+
+    def row_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (per-row shape, storage dtype) of every array stored one chunk per row (feature arrays and
+        ``guidance``): the arrays whose whole shard :func:`pipeline.store.zarr_store.write_shard` replaces."""
+        out = {k: (v, self.storage_dtype) for k, v in self.feature_arrays().items()}
+        if self.on_read:
+            out["guidance"] = ((*self.input_size, 3), "uint8")
+        return out
+
+    def materialized(self) -> "FeatureStoreSchema":
+        """The materialized schema with the same settings (what ``jobs/materialize.py`` writes); ``rows_per_shard``
+        re-derived from the ``hires`` row size."""
+        probe = replace(self, hires_mode="materialized", input_size=None, rows_per_shard=1)
+        return replace(probe, rows_per_shard=rows_per_shard_for(probe.hires_row_bytes))
 
     @property
     def storage_dtype(self) -> str:
@@ -160,9 +204,11 @@ class FeatureStoreSchema:
 
     @property
     def row_bytes(self) -> int:
-        """Uncompressed bytes of one row of all feature arrays (``lowres + hires [+ implicit]``)."""
+        """Uncompressed bytes of one row of all feature arrays (``lowres + hires [+ implicit]``; on-read:
+        ``lowres + guidance [+ implicit]``)."""
         h, w = self.lowres_size
-        n = self.hires_row_bytes + self.channels * h * w * DTYPE_BYTES[self.dtype]
+        n = self.channels * h * w * DTYPE_BYTES[self.dtype]
+        n += self.guidance_row_bytes if self.on_read else self.hires_row_bytes
         if self.implicit_size is not None:
             n += self.channels * self.implicit_size[0] * self.implicit_size[1] * DTYPE_BYTES[self.dtype]
         return n
@@ -178,7 +224,9 @@ class FeatureStoreSchema:
 
     def feature_arrays(self) -> dict[str, tuple[int, int, int]]:
         """Name -> per-row shape ``(C, h, w)`` of each feature array."""
-        out = {"lowres": (self.channels, *self.lowres_size), "hires": (self.channels, *self.output_size)}
+        out = {"lowres": (self.channels, *self.lowres_size)}
+        if not self.on_read:
+            out["hires"] = (self.channels, *self.output_size)
         if self.implicit_size is not None:
             out["implicit"] = (self.channels, *self.implicit_size)
         return out
@@ -188,6 +236,10 @@ class FeatureStoreSchema:
         d["lowres_size"] = list(self.lowres_size)
         d["output_size"] = list(self.output_size)
         d["implicit_size"] = None if self.implicit_size is None else list(self.implicit_size)
+        if self.on_read:
+            d["input_size"] = list(self.input_size)
+        else:  # materialized stores keep the attributes (and fingerprint) they had before on-read mode existed
+            del d["hires_mode"], d["input_size"]
         return d
 
     @classmethod

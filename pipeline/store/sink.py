@@ -67,9 +67,11 @@ class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
                     "orig_size": np.asarray(unit["orig_size"])[:n],
                     "valid_size": np.asarray(unit["valid_size"])[:n],
                     "lowres": np.asarray(unit["lowres"])[:n],
-                    "hires": np.asarray(unit["hires"])[:n],
                     "status": np.asarray(unit["status"])[:n],
                 }
+                for name in ("hires", "guidance"):  # materialized units carry hires, on-read (compact) guidance
+                    if name in unit:
+                        data[name] = np.asarray(unit[name])[:n]
                 shard = int(unit["shard"])
                 if shard == self._crash_at:
                     write_shard(group, shard, {**data, "status": np.zeros(n, dtype=np.uint8)})
