@@ -155,7 +155,7 @@ def test_resume_of_a_torn_shard_and_other_settings_refused(stores, inputs):
         np.testing.assert_array_equal(np.asarray(open_store(comp)[k][:]), v, err_msg=k)
     with pytest.raises(StoreMismatchError, match="hires_mode"):
         run_featurize(config(str(inputs), comp, **kw))  # materialized settings into the on-read store
-    with pytest.raises(StoreMismatchError):
+    with pytest.raises(StoreMismatchError, match="hires_mode"):
         run_featurize(config(str(inputs), mat, hires="on-read", **kw))
 
 
@@ -218,7 +218,7 @@ def test_materialize_job_writes_the_materialized_store_and_resumes(stores, case,
 
     mat, comp, kw = stores[case]
     out = str(tmp_path / "m.zarr") if case == "fp16" else "s3://compact-stores/materialized.zarr"
-    res = run_materialize(comp, out, quiet=True)
+    res = run_materialize(comp, out, rows_per_shard=3, quiet=True)  # the S the featurize runs used
     assert (res["complete"], res["failed"], res["pending"]) == (5, 1, 0)
     a, b = open_store(mat), open_store(out)
     assert read_attrs(a)["fingerprint"] == read_attrs(b)["fingerprint"]  # as if featurized materialized
@@ -233,7 +233,7 @@ def test_materialize_job_writes_the_materialized_store_and_resumes(stores, case,
                                atol=2 * EPS[kw["dtype"]] * float(x["features"].abs().max()))
     g = open_store(out, mode="r+")
     g["status"][0:2] = 0  # a torn first shard
-    again = run_materialize(comp, out, quiet=True)
+    again = run_materialize(comp, out, rows_per_shard=3, quiet=True)
     assert again["resumed"] and again["units_run"] == 1 and again["pending"] == 0
     with pytest.raises(ConfigError, match="already materialized"):
         run_materialize(mat, str(tmp_path / "x.zarr"), quiet=True)

@@ -77,6 +77,8 @@ def test_ray_train_two_workers_stream_from_a_store(ray_local, tmp_path):
     store = make_store(str(tmp_path / "s.zarr"), "on-read")
 
     def loop(config: dict) -> None:
+        import tempfile
+
         import ray.train
         import torch.distributed as dist
         from ray.train.torch import prepare_model
@@ -94,13 +96,23 @@ def test_ray_train_two_workers_stream_from_a_store(ray_local, tmp_path):
             opt.step()
             seen += len(pooled)
         dist.all_reduce(seen)
-        ray.train.report({"rows_seen": int(seen.item()), "loss": float(loss)})
+        metrics = {"rows_seen": int(seen.item()), "loss": float(loss)}
+        with tempfile.TemporaryDirectory() as d:  # Train V2 keeps the metrics reported with a checkpoint
+            ckpt = None
+            if ray.train.get_context().get_world_rank() == 0:
+                torch.save(model.state_dict(), f"{d}/model.pt")
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
 
     trainer = TorchTrainer(
         loop,
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="from_store", storage_path=str(tmp_path / "runs")),
-        datasets={"train": read_feature_store(store)},
+        # image_id is a string column: torch batches take the numeric ones
+        datasets={"train": read_feature_store(store).select_columns(["features", "row"])},
     )
     result = trainer.fit()
-    assert result.metrics["rows_seen"] == 5 and np.isfinite(result.metrics["loss"])
+    # 5 complete rows; Ray Train splits "train" equally between the 2 workers (streaming_split(equal=True)), so each
+    # sees 2 and the odd row is left out
+    assert result.metrics["rows_seen"] == 4 and np.isfinite(result.metrics["loss"])
+    assert result.checkpoint is not None

@@ -490,7 +490,11 @@ def describe(store: str, *, storage_options: dict[str, Any] | None = None) -> st
     from pipeline.store import open_store, store_summary
 
     lines = [store_summary(store, storage_options=storage_options)]
-    names = [a for a in FEATURE_ARRAYS if a in open_store(store, storage_options=storage_options)]
+    group = open_store(store, storage_options=storage_options)
+    from pipeline.read.on_read import is_on_read
+
+    on_read = is_on_read(dict(group.attrs.get("featup", {})))  # hires produced on read (compact store)
+    names = [a for a in FEATURE_ARRAYS if a in group or (a == "hires" and on_read)]
     for name in names:
         ds = FeatureDataset(store, name, storage_options=storage_options)
         c, h, w = ds.item_shape

@@ -10,6 +10,9 @@ complete rows only (``status == 1``; failed and pending rows never appear), one 
 - ``row`` (int64, the manifest row), ``image_id`` (str),
 - ``label`` when a :class:`pipeline.evaluate.labels.LabelSource` is given (aligned as the dataset aligns it).
 
+``iter_torch_batches`` converts numeric columns only: ``ds.select_columns(["features", "row"])`` (or ``"label"``)
+before feeding a Ray Train loop, or pass a ``collate_fn``.
+
 Ray's own ``read_zarr`` reads Zarr v2 only; this reads the project's Zarr v3 stores through the same reader as the
 torch dataset, so values are identical to it.
 """

@@ -206,8 +206,8 @@ def create_or_open_store(
         else:
             old = read_attrs(existing)
             if old.get("fingerprint") != fp:
-                new = {**schema.to_dict(), **settings}
-                was = {k: v for k, v in old.items() if k in new}
+                new = {"hires_mode": schema.hires_mode, **schema.to_dict(), **settings}
+                was = {"hires_mode": old.get("hires_mode", "materialized"), **{k: v for k, v in old.items() if k in new}}
                 what = "; ".join(_diff(was, new)[:4]) or "fingerprint differs"
                 raise StoreMismatchError(
                     f"store {uri!r} was written with other settings ({what}); rerun with the same settings to "
