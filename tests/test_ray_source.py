@@ -116,3 +116,19 @@ def test_ray_train_two_workers_stream_from_a_store(ray_local, tmp_path):
     # sees 2 and the odd row is left out
     assert result.metrics["rows_seen"] == 4 and np.isfinite(result.metrics["loss"])
     assert result.checkpoint is not None
+
+
+def test_dataloader_workers_produce_on_read_hires_on_cpu(tmp_path):
+    from pipeline.errors import ConfigError
+
+    store = make_store(str(tmp_path / "s.zarr"), "on-read")
+    ds = FeatureDataset(store, channels=(1, 5))
+    single = [b["features"] for b in ds.loader(2, shuffle=False)]
+    workers = [b["features"] for b in ds.loader(2, shuffle=False, num_workers=2)]
+    assert len(single) == len(workers) and sum(len(f) for f in single) == 5
+    for a, b in zip(single, workers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the GPU path computes in the consuming process: a DataLoader worker asking for CUDA is refused with one line
+    gpu = FeatureDataset(store, device="cuda")
+    with pytest.raises(ConfigError, match="num_workers=0"):
+        next(iter(gpu.loader(2, shuffle=False, num_workers=1)))

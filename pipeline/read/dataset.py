@@ -252,6 +252,11 @@ class FeatureDataset(Dataset):
         rows = self.rows[idx]
         order = np.argsort(rows, kind="stable")
         shape = (len(idx), *self.item_shape)
+        if self.device != "cpu" and torch.utils.data.get_worker_info() is not None:
+            raise ConfigError(
+                f"device={self.device!r} puts (and, for on-read stores, produces) features in the consuming process; "
+                "use num_workers=0, or device='cpu' with DataLoader workers"
+            )
         batch = _new_batch(shape) if self.device == "cpu" else torch.empty(shape, device=self.device)
         items: list[dict[str, Any] | None] = [None] * len(idx)
         start = 0

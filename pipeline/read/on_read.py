@@ -169,14 +169,7 @@ def open_on_read(dataset: Any, group: Any, array: str, size: int | tuple[int, in
 def read_on_read(dataset: Any, start: int, stop: int) -> Any:
     """Rows ``[start, stop)`` of an on-read store's ``hires`` for a dataset (its channel selection and crop
     applied): ``(n, C', H', W') float32`` tensor on the dataset's device."""
-    import torch
-
     on: OnReadHires = dataset._on_read
-    if on.device.startswith("cuda") and torch.utils.data.get_worker_info() is not None:
-        raise ConfigError(
-            f"device={on.device!r} produces hires in the consuming process; use num_workers=0 (the GPU batches the "
-            "upsampling), or device='cpu' with DataLoader workers"
-        )
     pid = os.getpid()
     if getattr(dataset, "_compact_pid", None) != pid:
         from pipeline.store import open_store
