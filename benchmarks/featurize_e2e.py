@@ -62,12 +62,12 @@ def bare_loop(cfg: Any) -> tuple[float, float]:
 def _bare_loop(cfg: Any) -> tuple[float, float]:
     from dataclasses import replace
 
-    from pipeline.io.decode import decode_image
-    from pipeline.errors import DecodeError
-    from pipeline.io.sources import build_manifest, read_many
+    from pipeline.io.decode import read_and_decode
+    from pipeline.io.sources import build_manifest
     from pipeline.featurize.stages import ModelSpec, build_models, featurize_pixels
-    from pipeline.store.schema import to_store_dtype
-    from pipeline.store import FeatureStoreSchema, create_or_open_store, rows_per_shard_for, write_shard
+    from pipeline.store import (
+        FeatureStoreSchema, Status, create_or_open_store, rows_per_shard_for, to_store_dtype, write_shard,
+    )
 
     t0 = time.perf_counter()
     m = build_manifest(cfg.input)
@@ -83,12 +83,12 @@ def _bare_loop(cfg: Any) -> tuple[float, float]:
     for k in range(schema.num_shards):
         start, stop = schema.shard_rows(k)
         px, ok, orig, err = [], [], [], []
-        for data in read_many(m.uris[start:stop]):
-            try:
-                d = decode_image(data, size=cfg.input_hw, policy=cfg.policy, min_side=backbone.stride)
+        for _, d, reason in read_and_decode(m.uris[start:stop], size=cfg.input_hw, policy=cfg.policy,
+                                            min_side=backbone.stride):
+            if d is not None:
                 px.append(d.pixels), ok.append(True), orig.append(d.orig_size), err.append("")
-            except DecodeError as e:
-                ok.append(False), orig.append((0, 0)), err.append(e.reason)
+            else:
+                ok.append(False), orig.append((0, 0)), err.append(reason)
         low, high = featurize_pixels(np.stack(px), backbone, up, output_size=out, batch_size=cfg.batch_size,
                                      out_dtype=cfg.dtype)
         n = stop - start
@@ -97,7 +97,7 @@ def _bare_loop(cfg: Any) -> tuple[float, float]:
             "error": np.asarray(err), "orig_size": np.asarray(orig, dtype=np.int32),
             "valid_size": np.asarray(orig, dtype=np.int32),
             "lowres": to_store_dtype(low, cfg.dtype), "hires": to_store_dtype(high, cfg.dtype),
-            "status": np.where(ok, 1, 2).astype(np.uint8)[:n],
+            "status": np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)[:n],
         })
         done.append(time.perf_counter())
     steady = (len(m) - schema.rows_per_shard) / (done[-1] - done[0]) if len(done) > 1 else float("nan")

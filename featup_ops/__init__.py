@@ -5,8 +5,7 @@ Pure torch (plus timm); knows nothing of Ray, Zarr or object storage. Names are 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from featup_ops._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     # backbones
@@ -58,14 +57,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'featup_ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -25,7 +25,10 @@ from torch import nn
 from . import weights as _weights
 from .errors import InputSizeError, UnknownBackboneError
 
-__all__ = ["PRESETS", "Backbone", "BackboneCfg", "list_backbones", "load_backbone", "nearest_valid_sizes"]
+__all__ = [
+    "PRESETS", "Backbone", "BackboneCfg", "BackboneInfo", "describe_backbone", "list_backbones", "load_backbone",
+    "nearest_valid_sizes",
+]
 
 #: ImageNet normalisation; FeatUp feeds it to every backbone.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -357,3 +360,46 @@ def load_backbone(
     model.eval()
     return Backbone(model, cfg, weights_hash)
 
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a job must know of a backbone before any model is built: the values :class:`Backbone` would carry."""
+
+    name: str
+    stride: int
+    dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_hash: str
+
+
+def describe_backbone(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> BackboneInfo:
+    """The stride, channels, normalisation and weights hash :func:`load_backbone` would give, without building the
+    model when ``name`` is a preset (a non-preset timm name is built once, its stride read from timm).
+
+    The weights are located and hashed as :func:`load_backbone` does (same errors, same ``weights_hash``), but not
+    loaded into a model, so a weights file that does not fit the architecture is only refused when a model is built.
+    """
+    preset = PRESETS.get(name)
+    if preset is None:
+        b = load_backbone(name, weights, storage_options=storage_options)
+        return BackboneInfo(name, b.stride, b.dim, tuple(b.mean), tuple(b.std), b.weights_hash)
+    source = _weights.resolve_source(name, weights, default=preset.default_weights)
+    if source.kind == "random":
+        weights_hash = f"random:{name}"
+    elif source.kind == "timm":
+        from timm.models import get_pretrained_cfg
+
+        _weights.timm_cached_file(preset.model_name, backbone=name)  # missing weights fail here, in seconds
+        pcfg = get_pretrained_cfg(preset.model_name)
+        weights_hash = f"timm:{pcfg.architecture or preset.model_name}.{pcfg.tag or 'default'}"
+    elif source.kind == "packaged":
+        weights_hash = f"sha256:{_weights.load_packaged_state_dict(name)[1]}"
+    else:
+        weights_hash = f"sha256:{_weights.read_weights_file(source.uri, storage_options)[1]}"
+    return BackboneInfo(name, preset.stride, preset.dim, tuple(preset.mean), tuple(preset.std), weights_hash)

@@ -4,7 +4,7 @@ FeatUp's idea (method notes 4): a good high-res map F of image x, jittered by a 
 back to the backbone's grid by a learned downsampler, must reproduce the backbone's features of the jittered
 image: ``down(t(F)) ~ f(t(x))``, scored by a Gaussian NLL with a learned per-pixel scale.
 
-**Cheap training by projection** (DESIGN.md). In FeatUp, features are projected to 30 random dimensions only
+**Cheap training by projection** (docs/design.md, "Training by projection"). In FeatUp, features are projected to 30 random dimensions only
 inside the loss, after upsampling all C channels. A channel-agnostic upsampler (one kernel for all channels, as the
 JBU stack without its final channel mix) commutes with any linear map of the channels, ``up(P f) = P up(f)``, so
 :class:`MultiViewObjective` projects the low-res features *first* (a new Gaussian projection with unit rows per

@@ -31,7 +31,7 @@ use_venv() {
     export VIRTUAL_ENV="$FEATUP_VENV"
 }
 
-# Loopback only (DESIGN.md "Running"): with this variable in the environment of every Ray process, `ray start`
+# Loopback only (docs/design.md "Running"): with this variable in the environment of every Ray process, `ray start`
 # binds 127.0.0.1 and never advertises the machine's external address.
 ray_loopback_env() {
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python jobs/eval_probe.py` without installing the package
     sys.path.insert(0, str(REPO))
 
-from pipeline.cli import run_job  # noqa: E402
+from pipeline.cli import init_ray, json_object, run_job  # noqa: E402
 from pipeline.evaluate.labels import LabelSource  # noqa: E402
 from pipeline.evaluate.probe import ProbeConfig, ProbeRun, run_probe, split_ids, summarize  # noqa: E402
 
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per probe")
     p.add_argument("--ray", action="store_true", help="run each probe as a Ray task (num_gpus=1 when GPUs exist)")
     p.add_argument("--out", default=None, help="write all results and the summary as JSON here")
+    p.add_argument("--storage-options", type=json_object, default=None,
+                   help='fsspec options as JSON for the stores and labels, e.g. \'{"anon": true}\'')
     args = p.parse_args(argv)
     if args.label_kind == "folder" and not args.num_classes:
         p.error("--label-kind folder needs --num-classes (e.g. 21 for VOC, 151 for ADE20K)")
@@ -77,7 +79,8 @@ def build_runs(args: argparse.Namespace) -> list[ProbeRun]:
     from pipeline.read.dataset import complete_image_ids
 
     labels = LabelSource(args.labels, args.label_kind, suffix=args.label_suffix, num_classes=args.num_classes,
-                         reduce_zero_label=args.reduce_zero_label, depth_scale=args.depth_scale)
+                         reduce_zero_label=args.reduce_zero_label, depth_scale=args.depth_scale,
+                         storage_options=args.storage_options)
     task = "depth" if args.label_kind == "depth" else "segmentation"
     val_by_name = {name: (uri, array) for name, uri, array in args.val_store}
     missing = [n for n, _, _ in args.store if args.val_store and n not in val_by_name]
@@ -85,9 +88,10 @@ def build_runs(args: argparse.Namespace) -> list[ProbeRun]:
         raise SystemExit(f"--val-store missing for {', '.join(missing)}; give one per --store name")
 
     def common(pairs: list[tuple[str, str]]) -> set[str]:
-        sets = [set(complete_image_ids(uri, array)) for uri, array in pairs]
+        so = args.storage_options
+        sets = [set(complete_image_ids(uri, array, storage_options=so)) for uri, array in pairs]
         if args.preservation:
-            sets += [set(complete_image_ids(uri, "lowres")) for uri, _ in pairs]
+            sets += [set(complete_image_ids(uri, "lowres", storage_options=so)) for uri, _ in pairs]
         return set.intersection(*sets)
 
     train_common = common([(u, a) for _, u, a in args.store])
@@ -105,7 +109,7 @@ def build_runs(args: argparse.Namespace) -> list[ProbeRun]:
                 runs.append(ProbeRun(name=name, train_store=uri, val_store=val_uri, train_ids=tuple(train_ids),
                                      val_ids=tuple(val_ids), labels=labels, array=val_array, train_array=train_array,
                                      task=task, cfg=cfg, batch_size=args.batch_size, num_workers=args.workers,
-                                     channels=args.channels))
+                                     channels=args.channels, storage_options=args.storage_options))
     return runs
 
 
@@ -114,8 +118,7 @@ def execute(runs: list[ProbeRun], use_ray: bool) -> list[dict]:
         return [run_probe(r) for r in runs]
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)  # loopback-only env set in main
+    init_ray()
     gpus = ray.cluster_resources().get("GPU", 0)
     task = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(run_probe)
     return ray.get([task.remote(r) for r in runs])

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray binds loopback only (DESIGN.md)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray binds loopback only (docs/design.md, "Running")
+
+from pipeline.cli import json_object, run_job  # noqa: E402  (cheap: stdlib only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="feature store URI (local path or s3://...)")
     p.add_argument("--rows", type=int, nargs="+", default=None, help="only these row indices (default: all complete rows)")
     p.add_argument("--limit", type=int, default=None, help="at most this many rows")
-    p.add_argument("--preset", default="fast", help="implicit fit preset: fast (default) or paper (the method's values)")
+    p.add_argument("--preset", "--implicit-preset", dest="preset", default="fast", help="implicit fit preset: fast (default) or paper (the method's values)")
     p.add_argument("--implicit-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="output size of the implicit features (default: the store's hires size)")
     p.add_argument("--implicit-gpus", type=float, default=None,
@@ -33,28 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--implicit-actors", type=int, default=1, help="number of fitting actors")
     p.add_argument("--implicit-cpus", type=float, default=1.0, help="CPUs per fitting actor")
     p.add_argument("--images-per-fit", type=int, default=4, help="images fitted together per call")
-    p.add_argument("--seed", type=int, default=0, help="fitting seed")
+    p.add_argument("--seed", "--implicit-seed", dest="seed", type=int, default=0, help="fitting seed")
     p.add_argument("--weights", default=None, help="backbone weights the store was made with (default: pretrained)")
+    p.add_argument("--storage-options", type=json_object, default=None,
+                   help='fsspec options as JSON for the store, the images and the weights, e.g. \'{"anon": true}\'')
+    p.add_argument("--progress-interval-s", type=float, default=10.0, help="seconds between progress lines")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.cli import run_job
-
     return run_job("fit_implicit", lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.cli import init_ray
-    from pipeline.featurize.implicit import FitImplicitConfig, ImplicitStageConfig, default_implicit_gpus, run_fit_implicit
+    from pipeline.featurize.implicit import FitImplicitConfig, ImplicitStageConfig, run_fit_implicit
 
-    init_ray()
     stage = ImplicitStageConfig(
         preset=args.preset,
         output_size=tuple(args.implicit_size) if args.implicit_size else None,
-        gpus=args.implicit_gpus if args.implicit_gpus is not None else default_implicit_gpus(),
+        gpus=args.implicit_gpus,
         actors=args.implicit_actors,
         cpus_per_actor=args.implicit_cpus,
         seed=args.seed,
@@ -67,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
             rows=tuple(args.rows) if args.rows else None,
             limit=args.limit,
             weights=args.weights,
+            storage_options=args.storage_options,
+            progress_interval_s=args.progress_interval_s,
             quiet=args.quiet,
         )
     )

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray binds loopback only (DESIGN.md)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray binds loopback only (docs/design.md, "Running")
 
 from featup_ops.config import TrainConfig  # noqa: E402  (cheap: dataclasses only)
 from pipeline.cli import json_object, run_job  # noqa: E402  (cheap: stdlib only)
@@ -121,11 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    import ray
-
+    from pipeline.cli import init_ray
     from pipeline.train import run_training
 
-    ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
+    init_ray(args.address, log_to_driver=True)
     out = run_training(cfg)
     print(f"train_upsampler: step {out['step']}; upsampler -> {out['upsampler']}; metrics -> {out['metrics_csv']}")
     print(json.dumps({k: v for k, v in out["metrics"].items() if isinstance(v, (int, float, str))}, sort_keys=True))

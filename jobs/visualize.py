@@ -17,6 +17,12 @@ if str(REPO) not in sys.path:  # runnable as `python jobs/visualize.py` without 
     sys.path.insert(0, str(REPO))
 
 
+def _json_object(text: str):
+    from pipeline.cli import json_object
+
+    return json_object(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -31,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="input: one side (square) or H W, multiples of the stride (with --image)")
     p.add_argument("--policy", default="crop", choices=["crop", "pad"])
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--storage-options", type=_json_object, default=None,
+                   help='fsspec options as JSON for the store, image, weights and checkpoint, e.g. \'{"anon": true}\'')
     args = p.parse_args(argv)
     if args.image and not args.backbone:
         p.error("--image needs --backbone")
@@ -49,12 +57,13 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.evaluate.visualize import render_image, render_store_rows
 
     if args.store:
-        paths = render_store_rows(args.store, args.rows, args.out, array=args.array)
+        paths = render_store_rows(args.store, args.rows, args.out, array=args.array,
+                                  storage_options=args.storage_options)
     else:
         stem = Path(args.image.split("?")[0]).stem
         paths = [render_image(args.image, Path(args.out) / f"{stem}_{args.backbone}.png", backbone=args.backbone,
                               weights=args.weights, upsampler=args.upsampler, input_size=args.input_size,
-                              policy=args.policy)]
+                              policy=args.policy, storage_options=args.storage_options)]
     for path in paths:
         print(path)
     return 0

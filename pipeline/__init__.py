@@ -6,8 +6,7 @@ and ``evaluate`` (labels, probes, pictures). ``cli`` and ``errors`` are shared b
 lazily (``import pipeline`` does no work)."""
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from featup_ops._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "build_manifest": "io.sources",
@@ -39,14 +38,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

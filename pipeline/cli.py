@@ -41,18 +41,21 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (as under ``ray job submit``), else start a local Ray on 127.0.0.1.
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> None:
+    """Start Ray the one way every job does: join ``address`` (or the cluster in ``RAY_ADDRESS``, as under
+    ``ray job submit``), else start a local Ray on 127.0.0.1. No-op when Ray is already initialised.
 
     The local Ray has no dashboard and binds loopback only (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray's job API
-    and dashboard have no authentication, so a local head must not listen on the network).
+    and dashboard have no authentication, so a local head must not listen on the network). ``log_to_driver``: show
+    the workers' output (training prints from its workers; the featurize plan reports through the driver).
     """
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=True)
         return
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray.init(
@@ -60,5 +63,5 @@ def init_ray(num_cpus: int | None = None) -> None:
         num_cpus=num_cpus,
         include_dashboard=False,
         configure_logging=False,
-        log_to_driver=False,
+        log_to_driver=log_to_driver,
     )

@@ -17,7 +17,7 @@ SAMPLES = REPO / "pipeline" / "samples"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Ray must bind loopback only (DESIGN.md, "Running"); hub look-ups must fail fast, never retry for 45 s.
+    # Ray must bind loopback only (docs/design.md, "Running"); hub look-ups must fail fast, never retry for 45 s.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -15,7 +15,6 @@ from PIL import Image
 
 from pipeline.errors import InputNotFoundError, StoreMismatchError
 from pipeline.featurize import FeaturizeConfig, run_featurize
-from pipeline.store.sink import CRASH_ENV
 from pipeline.store import open_store, read_attrs, store_summary
 
 from test_decode import corrupt_png, png_header_only
@@ -120,25 +119,39 @@ def test_stored_features_equal_featup_ops_run_directly(clean_run, bad_folder):
         torch.testing.assert_close(stored_high, high[k], rtol=1e-2, atol=1e-2 * float(high[k].abs().max()))
 
 
-def test_s3_to_s3_resume_after_crash_mid_shard_gives_identical_store(clean_run, bad_folder, s3_bucket):
+def test_s3_to_s3_resume_after_crash_mid_shard_gives_identical_store(clean_run, bad_folder, s3_bucket, tmp_path):
+    import shutil
+
     import s3fs
+
+    from pipeline.featurize.resolve import resolve_featurize
+    from pipeline.store.sink import ZarrFeatureDatasink
 
     folder, _ = bad_folder
     clean, _ = clean_run
     fs = s3fs.S3FileSystem()
     fs.put(str(folder) + "/", s3_bucket[len("s3://"):] + "/in/", recursive=True)
     src, out = f"{s3_bucket}/in", f"{s3_bucket}/feats/resumed.zarr"
-    # The first run is a separate job process (its own local Ray) that dies while writing shard 1: that shard's
-    # features are written but not its status, as a crash mid-shard leaves them.
-    env = {**os.environ, CRASH_ENV: "1"}
-    args = ["--input", src, "--output", out, "--weights", "random", "--input-size", str(SIZE),
+    # The first run is a separate job process (its own local Ray) whose write of shard 1's status really fails: the
+    # store is made first (as the sink's on_write_start makes it) and the key of that status chunk is taken by a
+    # folder. The features of shard 1 are written, its status is not, as a crash mid-shard leaves them.
+    torn = str(tmp_path / "torn.zarr")
+    job = resolve_featurize(config(src, torn))
+    ZarrFeatureDatasink(torn, job.schema, job.settings, extra_attrs=job.extra_attrs).on_write_start()
+    blocker = Path(torn) / "status" / "c" / "1"
+    blocker.mkdir(parents=True)
+    (blocker / "not-a-chunk").write_text("x")
+    args = ["--input", src, "--output", torn, "--weights", "random", "--input-size", str(SIZE),
             "--rows-per-shard", "3", "--batch-size", "4", "--quiet"]
-    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "featurize.py"), *args], env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "featurize.py"), *args],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "simulated crash" in proc.stderr + proc.stdout
-    g = open_store(out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "resumable" in proc.stderr.strip().splitlines()[-1]
+    shutil.rmtree(blocker)
+    g = open_store(torn)
     assert (g["status"][3:6] == 0).all()  # the torn shard is not taken as complete
     assert np.any(g["hires"][3:6])  # ... although its features were written
+    fs.put(torn + "/", out[len("s3://"):] + "/", recursive=True)  # the torn store, resumed where it now lies
     result = run_featurize(config(src, out))
     assert result["resumed"] and result["pending"] == 0 and result["units_run"] >= 1
     a, b = open_store(clean), open_store(out)

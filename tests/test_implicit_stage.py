@@ -90,28 +90,30 @@ def _reset_implicit(store: str) -> None:
 
 
 def _fit_in_process(store: str, stage, rows=None, limit=None) -> dict[str, int]:
-    """The second pass's stages (decode_units -> ImplicitFitter) run in this process, one unit at a time, no Ray."""
-    from pipeline.featurize.implicit import ImplicitFitter, _decode_spec, implicit_units
-    from pipeline.featurize.stages import decode_units
-    from pipeline.store import open_store, read_attrs
-    from pipeline.store.implicit import add_implicit_arrays, pending_implicit_rows
+    """The second pass's plan run in this process, one unit at a time, no Ray: its resolved job, the decode stage,
+    the fitter and the sink's own lifecycle (``on_write_start``, ``write``)."""
+    from ray.data.block import BlockAccessor
 
-    g = open_store(store, mode="r+")
-    add_implicit_arrays(g, **stage.fit_identity())
-    pending = pending_implicit_rows(g, rows, limit)
-    ids, uris = ([str(v) for v in np.asarray(g[name][:]).tolist()] for name in ("image_id", "uri"))
-    units = implicit_units(pending, ROWS_PER_SHARD, ids, uris)
+    from pipeline.featurize.implicit import FitImplicitConfig, ImplicitFitter
+    from pipeline.featurize.resolve import resolve_fit_implicit
+    from pipeline.featurize.stages import decode_units
+    from pipeline.store.sink import ZarrFeatureDatasink
+
+    job = resolve_fit_implicit(FitImplicitConfig(store=store, stage=stage, rows=rows, limit=limit, quiet=True))
+    sink = ZarrFeatureDatasink(store, implicit=job.implicit)
+    sink.on_write_start()
     import torch
 
     threads = torch.get_num_threads()
     try:
-        fitter = ImplicitFitter(store, stage)  # sets the process's torch threads, as it does in its actor
-        totals = {"pending": len(pending), "units": len(units), "fitted": 0, "failed": 0, "skipped": 0}
-        for unit in units:
-            batch = decode_units({k: np.asarray([v]) for k, v in unit.items()}, _decode_spec(read_attrs(g), None))
-            for k, v in fitter(batch).items():
-                if k in totals:
-                    totals[k] += int(v.sum())
+        fitter = ImplicitFitter(job.fitter)  # sets the process's torch threads, as it does in its actor
+        totals = {"pending": job.pending_fits, "units": len(job.units), "fitted": 0, "failed": 0, "skipped": 0}
+        for unit in job.units:
+            batch = decode_units({k: np.asarray([v]) for k, v in unit.items()}, job.decode)
+            for out in fitter(batch):
+                written = sink.write([BlockAccessor.batch_to_block(out)], None)
+                totals["fitted"] += written["fitted"]
+                totals["failed"] += written["fit_failed"]
     finally:
         torch.set_num_threads(threads)
     return totals
@@ -263,3 +265,37 @@ def test_store_picture_of_implicit_rows_when_some_rows_have_none(made, tmp_path)
         np.testing.assert_array_equal(np.asarray(im), np.asarray(expected))
     with pytest.raises(StoreError, match=r"row 0 .* no complete 'implicit' features .* complete rows: 1, 2"):
         render_store_rows(store, [0], tmp_path, array="implicit")
+
+
+def test_fit_longer_than_the_no_progress_window_is_written_and_reported(made, capsys):
+    """Issue 15.3: a fit that takes longer than Ray Data's no-progress window (shortened here to 20 s, which must still
+    cover the fitting actor's start-up; the fit is made ~3x longer with many steps) still finishes and is written
+    (the fitter's heartbeat rows keep the plan alive), and the job prints progress lines in the featurize format."""
+    import re
+
+    from ray.data import DataContext
+
+    from pipeline.featurize.implicit import FitImplicitConfig, run_fit_implicit
+
+    from pipeline.store import open_store
+    from pipeline.store.implicit import ATTRS_KEY
+
+    store = _copy(made, "long.zarr")
+    _reset_implicit(store)
+    del open_store(store, mode="r+").attrs[ATTRS_KEY]  # another fit config: a fresh set of implicit features
+    slow = dataclasses.replace(_tiny_cfg(), steps=2000)  # ~35 ms per step here: over a minute, 3x the window
+    ctx = DataContext.get_current()
+    window = ctx.execution_no_progress_timeout_s
+    ctx.execution_no_progress_timeout_s = 20
+    try:
+        result = run_fit_implicit(FitImplicitConfig(
+            store=store, stage=dataclasses.replace(_stage(), implicit_cfg=slow), rows=(0,), progress_interval_s=2,
+        ))
+    finally:
+        ctx.execution_no_progress_timeout_s = window
+    assert result["fitted"] == 1 and result["failed"] == 0
+    _, status, errors = _read(store)
+    assert status.tolist() == [1, 0, 0, 0, 0] and errors[0] == ""
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("implicit: ")]
+    pattern = r"implicit: \d+/1 rows \(\d+ failed\) \| [\d.]+ img/s \| ETA \S+ \| \S+ elapsed"
+    assert any(re.match(pattern, line) for line in lines), lines

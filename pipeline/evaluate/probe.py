@@ -1,6 +1,6 @@
 """Linear probes on frozen features: the evaluation protocol the recent upsampler papers share.
 
-Segmentation (JAFAR / AnyUp / NAF protocol, ``../shared/reference/peer-upsamplers.md`` section 4): a 1x1 convolution
+Segmentation (JAFAR / AnyUp / NAF protocol, ``docs/design.md``, "Evaluation protocol"): a 1x1 convolution
 ``Conv2d(C, K, 1)`` on frozen features, cross-entropy with ignore index 255, random horizontal flip p=0.5, AdamW with
 weight decay 1e-5, cosine learning-rate schedule with ``T_max = epochs * steps_per_epoch`` stepped once per optimizer
 step (JAFAR's released code steps per iteration with ``T_max = epochs``, which makes the rate oscillate; we do not).
@@ -186,6 +186,17 @@ def _in_channels(loader: Iterable[Mapping[str, torch.Tensor]]) -> int:
     raise ConfigError("probe training loader is empty; the store has no complete rows to train on")
 
 
+def _train(
+    loader: Any, out_channels: int, loss: Any, cfg: ProbeConfig, in_channels: int | None, device: Any
+) -> nn.Conv2d:
+    """Seed, build ``Conv2d(C, out_channels, 1)`` (C read from the first batch when None) and fit it with ``loss``."""
+    torch.manual_seed(cfg.seed)
+    channels = in_channels if in_channels is not None else _in_channels(loader)
+    probe = linear_probe(channels, out_channels).to(device)
+    _fit(probe, loader, loss, cfg, device, _steps(loader))
+    return probe
+
+
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``logits (B, K, h, w)`` against ``label (B, H, W) int64`` at label resolution, ignoring 255."""
     logits = _resize_to(logits, tuple(label.shape[-2:]))
@@ -213,11 +224,7 @@ def train_segmentation_probe(
     Returns:
         The trained probe in eval mode, ``Conv2d(C, K, 1)``.
     """
-    torch.manual_seed(cfg.seed)
-    channels = in_channels if in_channels is not None else _in_channels(loader)
-    probe = linear_probe(channels, num_classes).to(device)
-    _fit(probe, loader, segmentation_loss, cfg, device, _steps(loader))
-    return probe
+    return _train(loader, num_classes, segmentation_loss, cfg, in_channels, device)
 
 
 @torch.no_grad()
@@ -283,11 +290,7 @@ def train_depth_probe(
 ) -> nn.Conv2d:
     """Train a 1x1-conv depth regression probe ``Conv2d(C, 1, 1)``; batches carry ``label (B, H, W) float32`` depth
     (0 = invalid). Same optimiser and schedule as the segmentation probe."""
-    torch.manual_seed(cfg.seed)
-    channels = in_channels if in_channels is not None else _in_channels(loader)
-    probe = linear_probe(channels, 1).to(device)
-    _fit(probe, loader, depth_loss, cfg, device, _steps(loader))
-    return probe
+    return _train(loader, 1, depth_loss, cfg, in_channels, device)
 
 
 @torch.no_grad()

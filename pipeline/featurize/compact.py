@@ -90,7 +90,7 @@ def compact_output(featurizer: Any, batch: dict[str, np.ndarray]) -> dict[str, n
         low_t.index_copy_(0, torch.from_numpy(good), low)
     guidance = np.where(ok.reshape(-1)[:, None, None, None], flat, 0).astype(np.uint8, copy=False)
     lowres = to_store_dtype(low_t, spec.dtype)
-    return {
+    out = {
         "shard": batch["shard"],
         "n": batch["n"],
         "orig_size": batch["orig_size"],
@@ -100,3 +100,6 @@ def compact_output(featurizer: Any, batch: dict[str, np.ndarray]) -> dict[str, n
         "guidance": guidance.reshape(units, s, *guidance.shape[1:]),
         "status": np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8),
     }
+    if getattr(featurizer, "keep", False):  # an implicit stage follows: it needs the pixels too
+        out["pixels"], out["ok"] = batch["pixels"], batch["ok"]
+    return out

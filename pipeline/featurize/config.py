@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.cli import json_object
 from pipeline.errors import ConfigError
 from pipeline.io.decode import MAX_PIXELS, check_size, size_hw
-from pipeline.store.schema import DEFAULT_CODEC, DTYPE_BYTES, HIRES_MODES
+from pipeline.store.schema import CODECS, DEFAULT_CODEC, DTYPE_BYTES, HIRES_MODES
 
-__all__ = ["FeaturizeConfig", "add_featurize_args", "config_from_args", "size_text", "MEASURED_RATIO"]
+if TYPE_CHECKING:
+    from featup_ops.config import ImplicitConfig
 
-#: Compression ratios measured here (``python -m benchmarks.featurize_e2e --codecs``: EfficientNet-Lite0 ImageNet features,
-#: fixed bilateral upsampling to 112^2, fp16, one chunk per image); only used to print the expected size on disk
-#: before a job starts. Bilinearly upsampled (smoother) maps compress more: 2.09x / 1.68x / 1.46x (DESIGN.md).
-MEASURED_RATIO: dict[str, float] = {"blosc-zstd": 1.44, "blosc-lz4": 1.20, "zstd": 1.10, "none": 1.0}
-
+__all__ = ["FeaturizeConfig", "add_featurize_args", "config_from_args", "size_text"]
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
@@ -50,9 +47,9 @@ class FeaturizeConfig:
         progress_interval_s: seconds between progress lines.
         quiet: print nothing.
         implicit: also fit per-image implicit features (``pipeline.featurize.implicit``) in their own actor pool.
-        implicit_size / implicit_gpus / implicit_preset / implicit_actors / implicit_cpus: their ``(H, W)`` (None =
-            the output size), GPUs per actor (None = 1 if the cluster has GPUs, else 0), preset name (or an
-            ``ImplicitConfig``), pool size, CPUs per actor.
+        implicit_size / implicit_gpus / implicit_preset / implicit_actors / implicit_cpus / implicit_seed: their
+            ``(H, W)`` (None = the output size), GPUs per actor (None = 1 if the cluster has GPUs, else 0), preset
+            name (or, through the API, a ``featup_ops.ImplicitConfig``), pool size, CPUs per actor, fitting seed.
         hires: ``materialized`` (store ``hires``) or ``on-read`` (compact: store ``lowres`` + the guidance image + the
             upsampler; readers produce ``hires``, see :mod:`pipeline.store.compact`).
     """
@@ -86,9 +83,10 @@ class FeaturizeConfig:
     implicit: bool = False
     implicit_size: tuple[int, int] | None = None
     implicit_gpus: float | None = None
-    implicit_preset: str = "fast"
+    implicit_preset: str | ImplicitConfig = "fast"
     implicit_actors: int = 1
     implicit_cpus: float = 1.0
+    implicit_seed: int = 0
     hires: Literal["materialized", "on-read"] = "materialized"
 
     def __post_init__(self) -> None:
@@ -149,7 +147,7 @@ def add_featurize_args(parser: Any) -> Any:
     a("--actor-cpus", type=float, default=d.actor_cpus, help="CPUs reserved per CPU featurizer actor")
     a("--decode-cpus", type=float, default=d.decode_cpus, help="CPUs reserved per decode/write task")
     a("--torch-threads", type=int, default=None, help="torch threads per CPU actor (default: cores - 1)")
-    a("--codec", default=d.codec, choices=list(MEASURED_RATIO), help="compressor (default %(default)s)")
+    a("--codec", default=d.codec, choices=list(CODECS), help="compressor (default %(default)s)")
     a("--rows-per-shard", type=int, default=None, help="override images per shard (default: ~64 MiB shards)")
     a("--storage-options", type=json_object, default=None, help='fsspec options as JSON, e.g. \'{"anon": true}\'')
     a("--progress-interval-s", type=float, default=d.progress_interval_s, help="seconds between progress lines")

@@ -1,71 +1,56 @@
-"""The implicit-fitting stage: per-image implicit upsampler features written into a feature store.
+"""The implicit-fitting stage: per-image implicit upsampler features, a stage of the featurize plan.
 
 FeatUp's implicit variant fits a small network to each image (``featup_ops.fit_implicit``) and can be read out at
-any resolution. It costs seconds to minutes per image, so it runs as its own Ray Data plan of CPU decode tasks and
-an ``ImplicitFitter`` actor pool with its own resources (``--implicit-gpus``, fractional allowed; CPU actors where
-no GPU exists), apart from the featurizer actors::
+any resolution. It costs seconds to minutes per image, so :class:`ImplicitFitter` runs in its own actor pool with its
+own resources (``--implicit-gpus``, fractional allowed; CPU actors where no GPU exists). It is one more stage of the
+one plan (:func:`pipeline.featurize.plan.run_plan`)::
 
-    ray.data.from_items(units with pending implicit rows)     # one unit = the pending rows of one store shard
-      .map_batches(pipeline.featurize.stages.decode_units)              # the featurize job's decode stage, reused as is
-      .map_batches(ImplicitFitter, compute=ActorPoolStrategy, # fit, cast, write implicit rows; implicit_status last
-                   num_gpus=G, num_cpus=c)
+    decode_units -> [Featurizer] -> ImplicitFitter -> ZarrFeatureDatasink
 
-* In the featurize job (``--implicit``) :func:`start_implicit` runs this plan in a background thread beside the
-  main plan, so the slow fits use spare GPUs without holding back the featurizer and its sink (each decodes its
-  own copy of the images: decoding is milliseconds, fitting seconds).
-* As a second pass over an existing store (``jobs/fit_implicit.py``, :func:`run_fit_implicit`) the same plan fills
-  the complete rows, re-read from the store's ``uri`` and decoded with its recorded input size and resize policy.
-* :func:`add_implicit_stage` inserts the same actors inline into any plan of decoded units (passthrough).
+* In the featurize job (``--implicit``) the units flow through the featurizer and then the fitter; the sink writes
+  both parts of each shard.
+* As a second pass over an existing store (``jobs/fit_implicit.py``, :func:`run_fit_implicit`) the same plan runs
+  without the featurizer over the complete rows still lacking implicit features, re-read from the store's ``uri``
+  and decoded with its recorded input size and resize policy.
 
-The arrays, recorded settings and row writes of the implicit features are the store's
-(:mod:`pipeline.store.implicit`). The unit of work is one store shard, so each shard of ``implicit`` has exactly one
-writer; rows whose ``implicit_status`` is set are skipped, so a rerun resumes and gives the same bytes as an
+A fit may take longer than Ray Data's no-progress window (``DataContext.execution_no_progress_timeout_s``, 30 min by
+default): while a unit is being fitted the fitter yields an empty heartbeat row every ``heartbeat_s`` seconds (the
+sink skips them), so the plan visibly makes progress and the fit is never lost. Each actor reports the step its
+fitting group reached to a :class:`pipeline.featurize.progress.ProgressBoard`, which the driver prints.
+
+The arrays, recorded settings and row writes of the implicit features are the store's (:mod:`pipeline.store.implicit`);
+rows whose ``implicit_status`` is set are not scheduled again, so a rerun resumes and gives the same bytes as an
 uninterrupted run.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import threading
-import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import ConfigError, StoreError, StoreMismatchError
-from pipeline.store.implicit import (
-    ATTRS_KEY,
-    IMPLICIT,
-    IMPLICIT_ERROR,
-    IMPLICIT_STATUS,
-    add_implicit_arrays,
-    pending_implicit_rows,
-    write_implicit_rows,
-)
+from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.store.schema import Status, to_store_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
-    import ray.data
     import torch
 
 __all__ = [
-    "ATTRS_KEY",
-    "IMPLICIT",
-    "IMPLICIT_ERROR",
-    "IMPLICIT_STATUS",
     "FitImplicitConfig",
+    "FitterSpec",
     "ImplicitFitter",
-    "ImplicitRun",
     "ImplicitStageConfig",
-    "add_implicit_arrays",
-    "add_implicit_stage",
+    "add_implicit_args",
     "fit_pixels",
     "implicit_units",
-    "pending_implicit_rows",
     "run_fit_implicit",
-    "start_implicit",
-    "write_implicit_rows",
+    "stage_config_from",
 ]
 
 DEFAULT_IMAGES_PER_FIT = 4
@@ -74,11 +59,8 @@ only adds memory (results per image do not depend on the grouping)."""
 DEFAULT_CPUS_PER_ACTOR = 1.0
 """CPUs reserved per ImplicitFitter actor. On GPU actors they feed the device; on CPU actors they are also the
 torch threads the fit uses. Fractional values pack actors (a 2-core machine must leave room for decode tasks)."""
-DECODE_CPUS = 0.25
-"""CPUs per decode task: reading and decoding is light next to fitting ."""
-DECODE_TASKS_IN_FLIGHT = 2
-"""Decode tasks the implicit plan budgets for: one unit being decoded while the actors fit the previous ones is
-enough (a fit takes seconds, a decode milliseconds); two absorb stragglers."""
+HEARTBEATS_PER_WINDOW = 10
+"""Heartbeat rows a fitter yields per Ray Data no-progress window while it fits (one would do; ten leave margin)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +72,8 @@ class ImplicitStageConfig:
         implicit_cfg: an explicit ``featup_ops.ImplicitConfig``; overrides ``preset`` (e.g. tiny test configs).
         output_size: ``(Hi, Wi)`` of the implicit features; None = the store's hires output size. Any size,
             non-square allowed.
-        gpus: GPUs per ImplicitFitter actor (fractional packs actors on one GPU); 0 = CPU actors.
+        gpus: GPUs per ImplicitFitter actor (fractional packs actors on one GPU); 0 = CPU actors; None = 1 when the
+            cluster has GPUs, else 0.
         actors: size of the ImplicitFitter actor pool.
         cpus_per_actor: CPUs reserved per actor.
         torch_threads: torch intra-op threads of a CPU actor; None = ``ceil(cpus_per_actor)``.
@@ -101,7 +84,7 @@ class ImplicitStageConfig:
     preset: str = "fast"
     implicit_cfg: Any = None
     output_size: tuple[int, int] | None = None
-    gpus: float = 0.0
+    gpus: float | None = 0.0
     actors: int = 1
     cpus_per_actor: float = DEFAULT_CPUS_PER_ACTOR
     torch_threads: int | None = None
@@ -114,7 +97,7 @@ class ImplicitStageConfig:
             if len(size) != 2 or min(size) < 1:
                 raise ConfigError(f"--implicit-size {self.output_size!r} must be two positive ints (H W)")
             object.__setattr__(self, "output_size", size)
-        if self.gpus < 0:
+        if self.gpus is not None and self.gpus < 0:
             raise ConfigError(f"--implicit-gpus {self.gpus} must be >= 0 (0 = CPU actors)")
         if self.actors < 1:
             raise ConfigError(f"--implicit-actors {self.actors} must be >= 1")
@@ -161,20 +144,16 @@ def implicit_units(
         image_ids / uris: per manifest row (indexed by row).
 
     Returns:
-        ``[{"shard": k, "start": first row, "meta": JSON {"image_id", "uri", "rows"}}]``, shards ascending.
+        ``[{"shard": k, "start": first row, "meta": JSON {"image_id", "uri", "rows", "fit_rows"}}]``, shards
+        ascending (every row of such a unit is to be fitted).
     """
     rows = np.asarray(rows, dtype=np.int64)
     units = []
     for shard in np.unique(rows // rows_per_shard):
         r = rows[rows // rows_per_shard == shard].tolist()
-        meta = {"image_id": [str(image_ids[i]) for i in r], "uri": [str(uris[i]) for i in r], "rows": r}
+        meta = {"image_id": [str(image_ids[i]) for i in r], "uri": [str(uris[i]) for i in r], "rows": r, "fit_rows": r}
         units.append({"shard": int(shard), "start": int(r[0]), "meta": json.dumps(meta)})
     return units
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fitting
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def fit_pixels(
@@ -186,6 +165,7 @@ def fit_pixels(
     seed: int,
     images_per_fit: int = DEFAULT_IMAGES_PER_FIT,
     pca: dict[str, Any] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> "torch.Tensor":
     """Fit implicit features for decoded images (the model part of the stage; also used by the tests).
 
@@ -197,6 +177,8 @@ def fit_pixels(
         seed: fitting seed.
         images_per_fit: images per ``fit_implicit`` call.
         pca: the store's PCA basis (``PCABasis.to_dict()``) or None.
+        progress: called with ``(step_done, total_steps, active_images)`` after each fitting step, when
+            ``featup_ops.fit_implicit`` accepts a ``progress`` argument (ignored otherwise).
 
     Returns:
         ``(n, C, Hi, Wi) float32`` CPU tensor (C = k when ``pca`` is given).
@@ -212,7 +194,8 @@ def fit_pixels(
     out = []
     for i in range(0, len(pixels), images_per_fit):
         images = normalize(np.asarray(pixels[i : i + images_per_fit]), backbone.mean, backbone.std).to(device)
-        feats = featup_ops.fit_implicit(images, backbone, cfg=cfg, output_size=tuple(output_size), seed=seed)
+        extra = {"progress": progress} if progress is not None and _fit_takes_progress() else {}
+        feats = featup_ops.fit_implicit(images, backbone, cfg=cfg, output_size=tuple(output_size), seed=seed, **extra)
         feats = feats.detach().float()
         if basis is not None:
             feats = apply_pca(feats, basis)
@@ -220,159 +203,169 @@ def fit_pixels(
     return torch.cat(out)
 
 
-class ImplicitFitter:
-    """Ray Data actor (callable class): fits and writes the implicit features of decoded work units.
+@dataclass(frozen=True)
+class FitterSpec:
+    """What an :class:`ImplicitFitter` builds and does in its actor: resolved on the driver, no model objects.
 
-    Input rows are :func:`pipeline.featurize.stages.decode_units` output: ``shard``, ``n``, ``pixels (U, S, H, W, 3) uint8``,
-    ``ok (U, S)``, ``meta`` (JSON with ``error`` per row and, for units of chosen rows, ``rows``; otherwise the
-    unit holds rows ``shard*S .. shard*S + n - 1``). Rows whose ``implicit_status`` is already set are skipped
-    (resume); rows that failed to decode are recorded as failed with the decode reason. The batch is returned
-    unchanged (``passthrough``, to feed a featurizer) or reduced to counts ``fitted``, ``failed``, ``skipped``.
-
-    Args:
-        store: store URI (its implicit arrays must exist: :func:`add_implicit_arrays`).
-        cfg: the stage settings.
-        storage_options: fsspec options for the store and the backbone weights.
-        weights: backbone weights source (None = the preset's default); its hash must match the store's.
-        passthrough: return the input batch instead of counts.
+    Attributes:
+        backbone / weights: the store's backbone name and weights source.
+        weights_hash: the store's recorded weights hash (the actor's backbone must match it).
+        fit: the ``featup_ops.ImplicitConfig``.
+        seed: fitting seed.
+        images_per_fit: images per ``fit_implicit`` call.
+        output_size: ``(Hi, Wi)``.
+        pca: the store's PCA basis dict or None.
+        dtype: store dtype name.
+        use_gpu: fit on the actor's GPU (when it has one).
+        torch_threads: torch threads of a CPU actor.
+        heartbeat_s: seconds between heartbeat rows while fitting.
+        storage_options: fsspec options for weights URIs.
     """
 
-    def __init__(
-        self,
-        store: str,
-        cfg: ImplicitStageConfig,
-        *,
-        storage_options: dict[str, Any] | None = None,
-        weights: str | None = None,
-        passthrough: bool = False,
-    ) -> None:
-        import torch
-
-        from pipeline.store import open_store, read_attrs
-
-        self.cfg = cfg
-        self.group = open_store(store, mode="r+", storage_options=storage_options)
-        attrs = read_attrs(self.group)
-        settings = self.group.attrs.get(ATTRS_KEY)
-        if settings is None or IMPLICIT_STATUS not in self.group:
-            raise StoreError(f"{store}: no implicit arrays; call add_implicit_arrays on the driver first")
-        self.output_size = tuple(settings["output_size"])
-        self.rows_per_shard = int(attrs["rows_per_shard"])
-        self.pca = attrs.get("pca")
-        self.dtype = str(attrs["dtype"])
-        self.fit_cfg = cfg.fit_config()
-        use_gpu = cfg.gpus > 0 and torch.cuda.is_available()
-        if not use_gpu:
-            # Ray sets OMP_NUM_THREADS to the (rounded) CPU request; make the fit use what the actor reserved.
-            torch.set_num_threads(cfg.torch_threads or max(1, math.ceil(cfg.cpus_per_actor)))
-        self.backbone = load_store_backbone(attrs, weights=weights, storage_options=storage_options)
-        self.backbone = self.backbone.to("cuda" if use_gpu else "cpu").eval()
-        self.passthrough = passthrough
-
-    def fit_unit(
-        self, rows: np.ndarray, pixels: np.ndarray, ok: np.ndarray, errors: Sequence[str]
-    ) -> dict[str, int]:
-        """Fit and write one unit's rows; returns counts ``{"fitted", "failed", "skipped"}``.
-
-        Args:
-            rows: ``(n,) int64`` row indices, all in one shard.
-            pixels: ``(n, H, W, 3) uint8``.
-            ok: ``(n,) bool`` rows that decoded.
-            errors: ``n`` decode reasons (used where ``ok`` is False).
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        order = np.argsort(rows, kind="stable")
-        rows, pixels, ok = rows[order], np.asarray(pixels)[order], np.asarray(ok, dtype=bool)[order]
-        errors = [str(errors[i]) for i in order]
-        done = np.asarray(self.group[IMPLICIT_STATUS].oindex[rows]) != Status.PENDING
-        counts = {"fitted": 0, "failed": 0, "skipped": int(done.sum())}
-        keep = np.flatnonzero(~done)
-        if keep.size == 0:
-            return counts
-        rows, pixels, ok = rows[keep], pixels[keep], ok[keep]
-        reasons = ["" if k else (errors[i] or "image could not be decoded") for k, i in zip(ok, keep)]
-        status = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
-        feats = None
-        good = np.flatnonzero(ok)
-        if good.size:
-            try:
-                fitted = fit_pixels(
-                    pixels[good], self.backbone, cfg=self.fit_cfg, output_size=self.output_size,
-                    seed=self.cfg.seed, images_per_fit=self.cfg.images_per_fit, pca=self.pca,
-                )
-            except Exception as exc:  # a failed fit is a failed row with its reason, never a crashed job
-                reason = f"implicit fit failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
-                for i in good:
-                    status[i], reasons[i] = Status.FAILED, reason
-            else:
-                finite = np.isfinite(fitted.reshape(len(good), -1).numpy()).all(axis=1)
-                stored = to_store_dtype(fitted, self.dtype)
-                feats = np.zeros((len(rows), *stored.shape[1:]), dtype=stored.dtype)
-                feats[good] = stored
-                for i in good[~finite]:
-                    status[i], reasons[i] = Status.FAILED, "implicit fit gave non-finite features"
-        write_implicit_rows(self.group, rows, feats, status, reasons)
-        counts["fitted"] = int((status == Status.COMPLETE).sum())
-        counts["failed"] = int((status == Status.FAILED).sum())
-        return counts
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        totals: dict[str, list[int]] = {"shard": [], "fitted": [], "failed": [], "skipped": []}
-        for u in range(len(batch["shard"])):
-            n = int(batch["n"][u])
-            meta = json.loads(str(batch["meta"][u]))
-            shard = int(batch["shard"][u])
-            rows = meta.get("rows") or list(range(shard * self.rows_per_shard, shard * self.rows_per_shard + n))
-            errors = meta.get("error") or [""] * n
-            counts = self.fit_unit(
-                np.asarray(rows, dtype=np.int64), np.asarray(batch["pixels"][u])[:n],
-                np.asarray(batch["ok"][u], dtype=bool)[:n], errors,
-            )
-            totals["shard"].append(shard)
-            for k, v in counts.items():
-                totals[k].append(v)
-        if self.passthrough:
-            return batch
-        return {k: np.asarray(v, dtype=np.int64) for k, v in totals.items()}
+    backbone: str
+    weights: str | None
+    weights_hash: str
+    fit: Any
+    seed: int
+    images_per_fit: int
+    output_size: tuple[int, int]
+    pca: dict[str, Any] | None
+    dtype: str
+    use_gpu: bool | None
+    torch_threads: int
+    heartbeat_s: float
+    storage_options: dict[str, Any] | None = field(default=None, hash=False)
 
 
-def load_store_backbone(
-    attrs: dict[str, Any], *, weights: str | None = None, storage_options: dict[str, Any] | None = None
-) -> Any:
-    """Load the store's backbone (name from attrs) and check its weights hash against the recorded one.
-
-    ``weights`` None means: the source recorded in attrs (``weights``) if any, ``"random"`` when the recorded hash
-    is of random weights, else the preset's default weights.
-
-    Raises:
-        StoreMismatchError: the weights differ from those the store was made with.
-    """
+@functools.lru_cache(maxsize=1)
+def _fit_takes_progress() -> bool:
     import featup_ops
 
-    recorded = str(attrs.get("weights_hash") or "")
-    if weights is None and attrs.get("weights"):
-        weights = attrs["weights"]  # the source, where the store records it
-    elif weights is None and recorded.startswith("random:"):
-        weights = "random"  # deterministic random weights identify themselves by their hash
-    backbone = featup_ops.load_backbone(attrs["backbone"], weights, storage_options=storage_options)
-    if attrs.get("weights_hash") and backbone.weights_hash != attrs["weights_hash"]:
-        raise StoreMismatchError(
-            f"backbone {attrs['backbone']} weights {backbone.weights_hash} differ from the store's "
-            f"{attrs['weights_hash']}; pass the weights the store was made with (--weights)"
+    return "progress" in inspect.signature(featup_ops.fit_implicit).parameters
+
+
+class ImplicitFitter:
+    """Ray Data actor (callable class): fits the implicit features of decoded work units.
+
+    Input rows are units from :func:`pipeline.featurize.stages.decode_units` (through the featurizer, which passes
+    ``pixels`` and ``ok`` on): ``meta`` names the unit's ``rows`` (all rows of its shard, or the chosen rows) and
+    the ``fit_rows`` among them still lacking implicit features. Each unit comes out as one row with the input's
+    columns (less ``pixels`` and ``ok``) plus ``implicit (S, C, Hi, Wi)`` and ``implicit_status (S,)`` for the fitted
+    rows in order (``meta["implicit_rows"]``, reasons in ``meta["implicit_error"]``); rows that failed to decode or
+    to fit are failed rows with their reason. While a unit is fitted, an empty heartbeat row (no ``shard``) is
+    yielded every ``heartbeat_s`` seconds.
+
+    Args:
+        spec: the :class:`FitterSpec`.
+        board: a :class:`pipeline.featurize.progress.ProgressBoard` actor handle, or None.
+    """
+
+    def __init__(self, spec: FitterSpec, board: Any = None) -> None:
+        import os
+
+        import torch
+
+        import featup_ops
+
+        self.spec = spec
+        self.board = board
+        self.key = f"{os.getpid()}"
+        use_gpu = bool(spec.use_gpu) and torch.cuda.is_available()
+        if not use_gpu:
+            # Ray sets OMP_NUM_THREADS to the (rounded) CPU request; make the fit use what the actor reserved.
+            torch.set_num_threads(spec.torch_threads)
+        backbone = featup_ops.load_backbone(spec.backbone, spec.weights, storage_options=spec.storage_options)
+        if spec.weights_hash and backbone.weights_hash != spec.weights_hash:
+            raise StoreMismatchError(
+                f"backbone {spec.backbone} weights {backbone.weights_hash} differ from the store's "
+                f"{spec.weights_hash}; pass the weights the store was made with (--weights)"
+            )
+        self.backbone = backbone.to("cuda" if use_gpu else "cpu").eval()
+
+    def _report(self, **state: Any) -> None:
+        if self.board is not None:
+            self.board.report.remote(self.key, state)
+
+    def _fit(self, pixels: np.ndarray, n_rows: int) -> Any:
+        def progress(step: int, total: int, active: int) -> None:
+            self._report(step=int(step), total=int(total), active=int(active), images=n_rows)
+
+        return fit_pixels(
+            pixels, self.backbone, cfg=self.spec.fit, output_size=self.spec.output_size, seed=self.spec.seed,
+            images_per_fit=self.spec.images_per_fit, pca=self.spec.pca, progress=progress,
         )
-    return backbone
 
+    def _fit_with_heartbeats(self, pixels: np.ndarray) -> Iterator[Any]:
+        """Run the fit in a thread; yield None every ``heartbeat_s`` while it runs, then its result (or raise)."""
+        result: dict[str, Any] = {}
 
-# ---------------------------------------------------------------------------------------------------------------
-# Ray plans
-# ---------------------------------------------------------------------------------------------------------------
+        def target() -> None:
+            try:
+                result["value"] = self._fit(pixels, len(pixels))
+            except BaseException as exc:  # re-raised on the actor's thread below
+                result["error"] = exc
 
+        self._report(step=0, total=int(getattr(self.spec.fit, "steps", 0)), active=len(pixels), images=len(pixels))
+        thread = threading.Thread(target=target, name="implicit-fit", daemon=True)
+        thread.start()
+        while True:
+            thread.join(self.spec.heartbeat_s)
+            if not thread.is_alive():
+                break
+            yield None
+        self._report(done=True)
+        if "error" in result:
+            raise result["error"]
+        yield result["value"]
 
-def default_implicit_gpus() -> float:
-    """1 GPU per fitting actor when the Ray cluster has GPUs, else 0 (CPU actors). Needs Ray initialised."""
-    import ray
-
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        keep = {k: v for k, v in batch.items() if k not in ("pixels", "ok")}
+        pixels_all, ok_all = np.asarray(batch["pixels"]), np.asarray(batch["ok"], dtype=bool)
+        s = pixels_all.shape[1]
+        c = len(self.spec.pca["components"]) if self.spec.pca else int(self.backbone.dim)
+        hi, wi = self.spec.output_size
+        for u in range(len(batch["shard"])):
+            meta = json.loads(str(batch["meta"][u]))
+            n = int(batch["n"][u])
+            shard = int(batch["shard"][u])
+            rows = meta.get("rows") or list(range(shard * s, shard * s + n))
+            where = {int(r): i for i, r in enumerate(rows)}
+            fit_rows = sorted(int(r) for r in meta.get("fit_rows", rows))
+            idx = np.asarray([where[r] for r in fit_rows], dtype=np.int64)
+            decode_errors = meta.get("error") or [""] * n
+            ok = ok_all[u][idx] if idx.size else np.zeros(0, bool)
+            status = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
+            reasons = ["" if k else (decode_errors[i] or "image could not be decoded") for k, i in zip(ok, idx)]
+            feats = None
+            good = np.flatnonzero(ok)
+            if good.size:
+                try:
+                    for fitted in self._fit_with_heartbeats(pixels_all[u][idx[good]]):
+                        if fitted is None:
+                            yield {"heartbeat": np.zeros(1, dtype=np.int64)}
+                except Exception as exc:  # a failed fit is a failed row with its reason, never a crashed job
+                    reason = f"implicit fit failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+                    for i in good:
+                        status[i], reasons[i] = Status.FAILED, reason
+                else:
+                    finite = np.isfinite(fitted.reshape(len(good), -1).numpy()).all(axis=1)
+                    stored = to_store_dtype(fitted, self.spec.dtype)
+                    feats = np.zeros((s, *stored.shape[1:]), dtype=stored.dtype)
+                    feats[good] = stored
+                    for i in good[~finite]:
+                        status[i], reasons[i] = Status.FAILED, "implicit fit gave non-finite features"
+            if feats is None:
+                dt = np.uint16 if self.spec.dtype == "bfloat16" else np.dtype(self.spec.dtype)
+                feats = np.zeros((s, c, hi, wi), dtype=dt)
+            padded = np.zeros(s, dtype=np.uint8)
+            padded[: len(status)] = status
+            out = {k: np.asarray(v)[u : u + 1] for k, v in keep.items() if k != "meta"}
+            out["meta"] = np.asarray(
+                [json.dumps({**meta, "implicit_rows": fit_rows, "implicit_error": reasons})], dtype=object
+            )
+            out["implicit"] = feats[None]
+            out["implicit_status"] = padded[None]
+            yield out
 
 
 def actor_resources(cfg: ImplicitStageConfig) -> dict[str, Any]:
@@ -388,171 +381,34 @@ def actor_resources(cfg: ImplicitStageConfig) -> dict[str, Any]:
     return args
 
 
-def plan_resource_limits(cfg: ImplicitStageConfig) -> Any:
-    """Resource cap of the implicit plan: its actors plus :data:`DECODE_TASKS_IN_FLIGHT` decode tasks."""
-    from ray.data import ExecutionResources
-
-    return ExecutionResources(
-        cpu=cfg.actors * cfg.cpus_per_actor + DECODE_TASKS_IN_FLIGHT * DECODE_CPUS,
-        gpu=cfg.actors * cfg.gpus,
-    )
-
-
-def add_implicit_stage(
-    ds: "ray.data.Dataset",
-    store: str,
-    cfg: ImplicitStageConfig,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    weights: str | None = None,
-    passthrough: bool = True,
-) -> "ray.data.Dataset":
-    """Append the ImplicitFitter actor stage to a Dataset of decoded units (:func:`pipeline.featurize.stages.decode_units`).
-
-    Call :func:`add_implicit_arrays` on the driver first. One unit per call (each unit is one shard's writer). With
-    ``passthrough`` the units flow on unchanged; otherwise each unit becomes one row of counts.
-    """
-    return ds.map_batches(
-        ImplicitFitter,
-        fn_constructor_args=(store, cfg),
-        fn_constructor_kwargs={"storage_options": storage_options, "weights": weights, "passthrough": passthrough},
-        batch_size=1,
-        batch_format="numpy",
-        **actor_resources(cfg),
-    )
-
-
-def _decode_spec(attrs: dict[str, Any], storage_options: dict[str, Any] | None) -> Any:
-    from pipeline.io.decode import MAX_PIXELS
-    from pipeline.featurize.stages import DecodeSpec
-
-    return DecodeSpec(
-        input_size=tuple(int(s) for s in attrs["input_size"]),
-        policy=attrs["resize_policy"],
-        min_side=int(attrs["stride"]),
-        rows_per_shard=int(attrs["rows_per_shard"]),
-        max_pixels=int(attrs.get("max_pixels") or MAX_PIXELS),
-        storage_options=storage_options,
-    )
-
-
-class ImplicitRun:
-    """A running implicit plan (a background thread on the driver); :meth:`wait` returns its counts.
-
-    Attributes:
-        pending: rows the plan was started with.
-        units: work units (shards) it covers.
-    """
-
-    def __init__(self, target: Callable[[], dict[str, int]], pending: int, units: int) -> None:
-        self.pending, self.units = pending, units
-        self._result: dict[str, int] | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(target,), name="implicit-plan", daemon=True)
-        self._thread.start()
-
-    def _run(self, target: Callable[[], dict[str, int]]) -> None:
-        try:
-            self._result = target()
-        except BaseException as exc:  # re-raised on the caller's thread by wait()
-            self._error = exc
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> dict[str, int]:
-        """Block until the plan finishes; re-raises its error. Returns ``{"pending", "units", "fitted", ...}``."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"implicit plan still running after {timeout} s")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-
-def start_implicit(
-    store: str,
-    cfg: ImplicitStageConfig,
-    *,
-    image_ids: Sequence[str] | None = None,
-    uris: Sequence[str] | None = None,
-    rows: Sequence[int] | None = None,
-    limit: int | None = None,
-    require_complete: bool = False,
-    weights: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ImplicitRun:
-    """Add the implicit arrays to a store and start fitting its pending rows in a background Ray Data plan.
-
-    The featurize job calls this beside its main plan (``require_complete=False``, ids and uris from its manifest);
-    the second pass calls it with ``require_complete=True`` (ids and uris from the store). Ray must be initialised.
-
-    Args:
-        store: store URI (it must exist: ``pipeline.store.create_or_open_store`` ran).
-        cfg: the stage settings.
-        image_ids / uris: per manifest row; None = read them from the store's ``image_id`` / ``uri`` arrays.
-        rows / limit: restrict the rows (see :func:`pending_implicit_rows`).
-        require_complete: only rows whose main ``status`` is complete.
-        weights: backbone weights the store was made with.
-        storage_options: fsspec options for store, sources and weights.
-        progress: called with one line per finished unit (None: silent).
-
-    Returns:
-        An :class:`ImplicitRun`; ``wait()`` gives ``{"pending", "units", "fitted", "failed", "skipped"}``.
-    """
+def default_implicit_gpus() -> float:
+    """1 GPU per fitting actor when the Ray cluster has GPUs, else 0 (CPU actors). Needs Ray initialised."""
     import ray
+
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def heartbeat_seconds() -> float:
+    """Seconds between a fitter's heartbeat rows: a tenth of Ray Data's no-progress window (at most a minute)."""
     from ray.data import DataContext
 
-    from pipeline.featurize.stages import decode_units
-    from pipeline.store import open_store, read_attrs
+    window = float(DataContext.get_current().execution_no_progress_timeout_s)
+    return 60.0 if window <= 0 else max(0.05, min(60.0, window / HEARTBEATS_PER_WINDOW))
 
-    group = open_store(store, mode="r+", storage_options=storage_options)
-    attrs = read_attrs(group)
-    settings = add_implicit_arrays(group, **cfg.fit_identity())
-    pending = pending_implicit_rows(group, rows, limit, require_complete=require_complete)
-    if image_ids is None or uris is None:
-        image_ids = [str(v) for v in np.asarray(group["image_id"][:]).tolist()]
-        uris = [str(v) for v in np.asarray(group["uri"][:]).tolist()]
-    units = implicit_units(pending, int(attrs["rows_per_shard"]), image_ids, uris)
-    say = progress or (lambda _msg: None)
-    hi, wi = settings["output_size"]
-    row_bytes = group[IMPLICIT].dtype.itemsize * int(settings["channels"]) * hi * wi
-    say(
-        f"implicit: {len(pending)} rows in {len(units)} shard units to fit; preset {settings['preset']}, "
-        f"{settings['channels']}x{hi}x{wi} ({row_bytes / 1e6:.1f} MB per image uncompressed), "
-        f"{cfg.actors} actor(s) x ({cfg.gpus:g} GPU, {cfg.cpus_per_actor:g} CPU)"
+
+def fitter_spec(
+    stage: ImplicitStageConfig, attrs: dict[str, Any], *, weights: str | None,
+    storage_options: dict[str, Any] | None,
+) -> FitterSpec:
+    """The :class:`FitterSpec` of a stage over a store with main attributes ``attrs`` (existing or about to be
+    created); ``use_gpu`` is None when ``stage.gpus`` is (the plan decides from the cluster)."""
+    return FitterSpec(
+        backbone=str(attrs["backbone"]), weights=weights, weights_hash=str(attrs.get("weights_hash") or ""),
+        fit=stage.fit_config(), seed=stage.seed, images_per_fit=stage.images_per_fit,
+        output_size=tuple(stage.output_size or attrs["output_size"]), pca=attrs.get("pca"), dtype=str(attrs["dtype"]),
+        use_gpu=None if stage.gpus is None else stage.gpus > 0, torch_threads=stage.torch_threads or max(1, math.ceil(stage.cpus_per_actor)),
+        heartbeat_s=heartbeat_seconds(), storage_options=storage_options,
     )
-
-    def target() -> dict[str, int]:
-        counts = {"pending": int(len(pending)), "units": len(units), "fitted": 0, "failed": 0, "skipped": 0}
-        if not units:
-            return counts
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = ds.map_batches(
-            decode_units, fn_kwargs={"spec": _decode_spec(attrs, storage_options)}, batch_size=1,
-            batch_format="numpy", num_cpus=DECODE_CPUS,
-        )
-        ds = add_implicit_stage(ds, store, cfg, storage_options=storage_options, weights=weights, passthrough=False)
-        # Ray Data shares the cluster between concurrent plans through its autoscaling coordinator; capping this
-        # plan at what its actors and decode tasks need leaves the rest to the featurize plan beside it.
-        ds.context.execution_options.resource_limits = plan_resource_limits(cfg)
-        t0 = time.monotonic()
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            for k in ("fitted", "failed", "skipped"):
-                counts[k] += int(np.sum(batch[k]))
-            done = counts["fitted"] + counts["failed"] + counts["skipped"]
-            dt = time.monotonic() - t0
-            say(
-                f"implicit: {done}/{len(pending)} rows ({counts['failed']} failed) | "
-                f"{dt / max(1, counts['fitted'] + counts['failed']):.1f} s/img"
-            )
-        return counts
-
-    return ImplicitRun(target, int(len(pending)), len(units))
 
 
 @dataclass(frozen=True)
@@ -566,6 +422,7 @@ class FitImplicitConfig:
         limit: at most this many rows (after ``rows``).
         weights: backbone weights source the store was made with (None = the preset's default weights).
         storage_options: fsspec options for the store, the sources and the weights.
+        progress_interval_s: seconds between progress lines.
         quiet: print nothing.
     """
 
@@ -575,13 +432,15 @@ class FitImplicitConfig:
     limit: int | None = None
     weights: str | None = None
     storage_options: dict[str, Any] | None = field(default=None, hash=False)
+    progress_interval_s: float = 10.0
     quiet: bool = False
 
 
 def run_fit_implicit(cfg: FitImplicitConfig) -> dict[str, int]:
     """Fill ``implicit`` for the complete rows of an existing store; resumable (rows already set are skipped).
 
-    Starts a local Ray on 127.0.0.1 unless Ray is initialised or ``RAY_ADDRESS`` is set.
+    The featurize plan without its featurizer stage (:func:`pipeline.featurize.plan.run_plan`). Starts a local Ray
+    on 127.0.0.1 unless Ray is initialised or ``RAY_ADDRESS`` is set.
 
     Returns:
         Counts ``{"pending", "units", "fitted", "failed", "skipped"}`` of this run.
@@ -591,20 +450,15 @@ def run_fit_implicit(cfg: FitImplicitConfig) -> dict[str, int]:
         StoreMismatchError: implicit features with other settings, or other backbone weights.
         ConfigError: bad settings (``--rows`` out of range, unknown preset).
     """
-    from pipeline.cli import init_ray
+    from pipeline.featurize.resolve import resolve_fit_implicit
+    from pipeline.featurize.plan import run_plan
 
-    say = None if cfg.quiet else (lambda msg: print(msg, flush=True))
-    init_ray()
-    run = start_implicit(
-        cfg.store, cfg.stage, rows=cfg.rows, limit=cfg.limit, require_complete=True, weights=cfg.weights,
-        storage_options=cfg.storage_options, progress=say,
-    )
-    return run.wait()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# featurize-job wiring (pipeline.featurize calls these; its config carries the implicit_* fields below)
-# ---------------------------------------------------------------------------------------------------------------
+    job = resolve_fit_implicit(cfg)
+    written = run_plan(job)
+    return {
+        "pending": job.pending_fits, "units": len(job.units), "fitted": int(written.get("fitted", 0)),
+        "failed": int(written.get("fit_failed", 0)), "skipped": 0,
+    }
 
 
 def add_implicit_args(parser: Any) -> Any:
@@ -619,46 +473,21 @@ def add_implicit_args(parser: Any) -> Any:
     a("--implicit-preset", default="fast", help="implicit fit preset: fast (default) or paper (FeatUp's values)")
     a("--implicit-actors", type=int, default=1, help="implicit fitting actors")
     a("--implicit-cpus", type=float, default=DEFAULT_CPUS_PER_ACTOR, help="CPUs reserved per implicit actor")
+    a("--implicit-seed", type=int, default=0, help="implicit fitting seed (default 0)")
     return parser
 
 
 def stage_config_from(job_cfg: Any) -> ImplicitStageConfig:
-    """The :class:`ImplicitStageConfig` of a featurize config's ``implicit_*`` fields.
-
-    ``implicit_preset`` is a preset name or (API use) a ``featup_ops.ImplicitConfig``. Ray must be initialised when
-    ``implicit_gpus`` is None: the default depends on the cluster's GPUs.
-    """
-    gpus = getattr(job_cfg, "implicit_gpus", None)
-    size = getattr(job_cfg, "implicit_size", None)
-    preset = getattr(job_cfg, "implicit_preset", "fast")
+    """The :class:`ImplicitStageConfig` of a :class:`pipeline.featurize.config.FeaturizeConfig`'s ``implicit_*``
+    fields (``implicit_preset`` a preset name or a ``featup_ops.ImplicitConfig``; ``implicit_gpus`` None is
+    resolved against the cluster when the plan is built)."""
+    preset = job_cfg.implicit_preset
     return ImplicitStageConfig(
         preset=preset if isinstance(preset, str) else "fast",
-        implicit_cfg=None if isinstance(preset, str) else preset,  # an ImplicitConfig given through the API
-        output_size=tuple(size) if size else None,
-        gpus=default_implicit_gpus() if gpus is None else float(gpus),
-        actors=int(getattr(job_cfg, "implicit_actors", 1)),
-        cpus_per_actor=float(getattr(job_cfg, "implicit_cpus", DEFAULT_CPUS_PER_ACTOR)),
-        seed=int(getattr(job_cfg, "implicit_seed", 0)),
-    )
-
-
-def start_featurize_implicit(job_cfg: Any, manifest: Any) -> ImplicitRun:
-    """Start the implicit plan of a featurize job beside its main plan (after the store exists).
-
-    Every manifest row whose ``implicit_status`` is pending is fitted (decoded by the plan itself), so a rerun
-    resumes both plans independently. Wait for it with ``.wait()`` after the main plan.
-    """
-    from pipeline.cli import init_ray
-
-    init_ray()
-    quiet = bool(getattr(job_cfg, "quiet", False))
-    return start_implicit(
-        job_cfg.output,
-        stage_config_from(job_cfg),
-        image_ids=manifest.image_ids,
-        uris=manifest.uris,
-        require_complete=False,
-        weights=job_cfg.weights,
-        storage_options=job_cfg.storage_options,
-        progress=None if quiet else (lambda msg: print(msg, flush=True)),
+        implicit_cfg=None if isinstance(preset, str) else preset,
+        output_size=tuple(job_cfg.implicit_size) if job_cfg.implicit_size else None,
+        gpus=None if job_cfg.implicit_gpus is None else float(job_cfg.implicit_gpus),
+        actors=int(job_cfg.implicit_actors),
+        cpus_per_actor=float(job_cfg.implicit_cpus),
+        seed=int(job_cfg.implicit_seed),
     )

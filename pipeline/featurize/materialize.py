@@ -129,13 +129,16 @@ def run_materialize(
         ConfigError: the source is not an on-read store, or has pending rows.
         pipeline.errors.StoreError: the source's upsampler is missing / corrupt / foreign (one line).
         pipeline.errors.StoreMismatchError: ``output`` holds a store with other settings.
+        pipeline.featurize.plan.PlanFailed: the Ray plan failed (one line; rerun to resume).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     from pipeline.cli import init_ray
     from pipeline.io.storage import check_writable
-    from pipeline.store import create_or_open_store, open_store, pending_shards, read_attrs, status_counts
+    from pipeline.featurize.plan import PlanFailed, _one_line
+    from pipeline.store import open_store, pending_shards, read_attrs, status_counts
+    from pipeline.store.zarr_store import check_store
     from pipeline.store.compact import load_store_upsampler
     from pipeline.store.sink import ZarrFeatureDatasink
 
@@ -160,15 +163,20 @@ def run_materialize(
         raise ConfigError(f"store {source!r} does not record its settings_keys (made by an older version); featurize "
                           "again with --hires materialized")
     settings = {k: attrs.get(k) for k in keys}
-    group, resumed = create_or_open_store(
+    existing = check_store(output, target, settings, storage_options=storage_options)  # refuses other settings
+    resumed = existing is not None
+    todo = pending_shards(existing) if resumed else list(range(target.num_shards))
+    # the featurize plan's sink creates (or validates) the target on the driver, then writes whole shards
+    sink = ZarrFeatureDatasink(
         output, target, settings, storage_options=storage_options,
-        extra_attrs=lambda: {"pca": attrs.get("pca"), "settings_keys": keys, "materialized_from": source},
+        extra_attrs={"pca": attrs.get("pca"), "settings_keys": keys, "materialized_from": source},
     )
-    todo = pending_shards(group) if resumed else list(range(target.num_shards))
     if not quiet:
         print(f"materialize: {source} -> {output}: {len(todo)} of {target.num_shards} shards to write "
               f"({target.rows_per_shard} rows per shard)", flush=True)
-    if todo:
+    if not todo:
+        sink.on_write_start()
+    else:
         init_ray()
         ctx = DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -185,7 +193,12 @@ def run_materialize(
                                                                           else num_actors),
             **resources,
         )
-        ds.write_datasink(ZarrFeatureDatasink(output, storage_options=storage_options), ray_remote_args={"num_cpus": 0.25})
+        try:
+            ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})
+        except PlanFailed:
+            raise
+        except Exception as exc:
+            raise PlanFailed(_one_line(output, exc)) from exc
     done = status_counts(open_store(output, storage_options=storage_options))
     result = {"rows": target.n_rows, **done, "units_run": len(todo), "units_skipped": target.num_shards - len(todo),
               "seconds": round(time.monotonic() - t0, 2), "store": output, "resumed": resumed}

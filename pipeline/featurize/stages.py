@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.decode import MAX_PIXELS, decode_image
-from pipeline.errors import DecodeError
-from pipeline.io.sources import read_many
+from pipeline.io.decode import MAX_PIXELS, read_and_decode
 from pipeline.store.schema import Status, to_store_dtype
 
-__all__ = ["DecodeSpec", "ModelSpec", "decode_units", "Featurizer", "featurize_pixels"]
+__all__ = [
+    "DecodeSpec", "ModelSpec", "decode_units", "Featurizer", "featurize_pixels", "build_models", "build_upsampler",
+]
 
 
 @dataclass(frozen=True)
@@ -94,16 +94,13 @@ def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
         uris = meta["uri"]
         n_out[u] = len(uris)
         errors = [""] * len(uris)
-        for i, data in enumerate(read_many(uris, spec.storage_options, return_exceptions=True)):
-            if isinstance(data, BaseException):
-                errors[i] = f"read failed ({type(data).__name__}: {' '.join(str(data).split())[:200]})"
-                continue
-            try:
-                d = decode_image(
-                    data, size=(h, w), policy=spec.policy, min_side=spec.min_side, max_pixels=spec.max_pixels
-                )
-            except DecodeError as e:
-                errors[i] = e.reason
+        decoded = read_and_decode(
+            uris, spec.storage_options, size=(h, w), policy=spec.policy, min_side=spec.min_side,
+            max_pixels=spec.max_pixels,
+        )
+        for i, d, reason in decoded:
+            if d is None:
+                errors[i] = reason
                 continue
             pixels[u, i] = d.pixels
             orig[u, i] = d.orig_size
@@ -190,16 +187,24 @@ def default_torch_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def build_upsampler(spec: ModelSpec, device: str = "cpu") -> Any:
+    """The upsampler a spec names: its checkpoint (``featup_ops.load_upsampler``, which also sets
+    ``.checkpoint_hash``), or the job's default. The one place the upsampler is chosen; cheap to build."""
+    import featup_ops
+
+    if spec.upsampler:
+        upsampler = featup_ops.load_upsampler(spec.upsampler, storage_options=spec.storage_options)
+    else:
+        upsampler = featup_ops.BilateralUpsampler()
+    return upsampler.to(device).eval()
+
+
 def build_models(spec: ModelSpec, device: str = "cpu") -> tuple[Any, Any]:
     """Load the backbone and upsampler a spec names (the one place models are built from names)."""
     import featup_ops
 
     backbone = featup_ops.load_backbone(spec.backbone, spec.weights, storage_options=spec.storage_options)
-    if spec.upsampler:
-        upsampler = featup_ops.load_upsampler(spec.upsampler, storage_options=spec.storage_options)
-    else:
-        upsampler = featup_ops.BilateralUpsampler()
-    return backbone.to(device).eval(), upsampler.to(device).eval()
+    return backbone.to(device).eval(), build_upsampler(spec, device)
 
 
 class Featurizer:
@@ -207,14 +212,16 @@ class Featurizer:
 
     Args:
         spec: the :class:`ModelSpec`.
+        keep: pass ``pixels`` and ``ok`` on (for an implicit stage after this one).
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, keep: bool = False) -> None:
         import torch
 
         from featup_ops.pca import PCABasis
 
         self.spec = spec
+        self.keep = keep
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(spec.torch_threads or default_torch_threads())
@@ -275,7 +282,7 @@ class Featurizer:
                 hires_t.index_copy_(0, rows, high)
             lowres, hires = to_store_dtype(lowres_t, self.spec.dtype), to_store_dtype(hires_t, self.spec.dtype)
         status = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
-        return {
+        out = {
             "shard": batch["shard"],
             "n": batch["n"],
             "orig_size": batch["orig_size"],
@@ -285,3 +292,6 @@ class Featurizer:
             "hires": hires.reshape(units, s, *hires.shape[1:]),
             "status": status,
         }
+        if self.keep:
+            out["pixels"], out["ok"] = batch["pixels"], batch["ok"]
+        return out

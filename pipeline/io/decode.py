@@ -18,9 +18,9 @@ What :func:`decode_image` does, in order:
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError, DecodeError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKGROUND", "MAX_PIXELS", "Decoded", "ResizePolicy", "decode_image", "normalize",
+__all__ = ["BACKGROUND", "MAX_PIXELS", "Decoded", "ResizePolicy", "decode_image", "normalize", "read_and_decode",
            "check_size", "size_hw"]
 
 #: Largest image accepted, in pixels (width * height): 16384 x 16384 = 268 M pixels. Larger files are refused as
@@ -244,3 +244,29 @@ def normalize(
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return x.sub_(m).div_(s)
+
+
+def read_and_decode(
+    uris: Sequence[str],
+    storage_options: dict[str, Any] | None = None,
+    **decode_kwargs: Any,
+) -> Iterator[tuple[int, Decoded | None, str]]:
+    """Read and decode images, one ``(index, decoded or None, reason)`` per uri in order: the one loop behind every
+    stage that turns uris into pixels. An unreadable or undecodable image gives ``None`` and a one-line reason (a
+    failed row), never an exception.
+
+    Args:
+        uris: local paths or URIs (read concurrently by :func:`pipeline.io.sources.read_many`).
+        storage_options: fsspec options.
+        decode_kwargs: :func:`decode_image`'s keyword arguments (``size``, ``policy``, ``min_side``, ...).
+    """
+    from pipeline.io.sources import read_many
+
+    for i, data in enumerate(read_many(list(uris), storage_options, return_exceptions=True)):
+        if isinstance(data, BaseException):
+            yield i, None, f"read failed ({type(data).__name__}: {' '.join(str(data).split())[:200]})"
+            continue
+        try:
+            yield i, decode_image(data, **decode_kwargs), ""
+        except DecodeError as e:
+            yield i, None, e.reason

@@ -5,7 +5,7 @@
 :class:`pipeline.evaluate.labels.LabelSource` is given (``(Hl, Wl)`` int64 classes, 255 = ignore, or float32 depth),
 aligned with the image the featurize job saw.
 
-Fork and pickle safety (``../shared/reference/ray-zarr-cupy-notes.md`` section 3): the constructor reads the store's
+Fork and pickle safety (``docs/design.md``, "Readers"): the constructor reads the store's
 metadata and drops its handle; every process (each DataLoader worker, a Ray task) opens its own handle lazily on
 first read, keyed by process id, and the handle is never pickled. fsspec/s3fs async filesystems are not fork-safe,
 so no open handle ever crosses a fork.

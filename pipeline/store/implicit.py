@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import ConfigError, StoreMismatchError
-from pipeline.store.schema import Status
+from pipeline.store.schema import FeatureStoreSchema, Status
 from pipeline.store.zarr_store import code_version, complete_rows, read_attrs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,17 +36,14 @@ __all__ = [
     "IMPLICIT_ERROR",
     "IMPLICIT_STATUS",
     "add_implicit_arrays",
+    "check_implicit",
     "implicit_settings",
     "pending_implicit_rows",
     "write_implicit_rows",
 ]
 
-IMPLICIT = "implicit"
-"""Name of the implicit feature array ``(N, C, Hi, Wi)``."""
-IMPLICIT_STATUS = "implicit_status"
-"""Name of the per-row completion marker ``(N,) uint8`` (written last per unit)."""
-IMPLICIT_ERROR = "implicit_error"
-"""Name of the per-row failure reason ``(N,) str``."""
+IMPLICIT, IMPLICIT_ERROR, IMPLICIT_STATUS = "implicit", "implicit_error", "implicit_status"
+"""Names of the arrays :meth:`pipeline.store.schema.FeatureStoreSchema.implicit_arrays` declares."""
 ATTRS_KEY = "featup_implicit"
 """Group attrs key holding the implicit settings (not fingerprinted by the main store)."""
 FORMAT_VERSION = 1
@@ -72,7 +69,7 @@ def _hash(value: Any) -> str:
 
 
 def implicit_settings(
-    group: "zarr.Group", *, preset: str, config: Any, output_size: tuple[int, int] | None, seed: int
+    attrs: dict[str, Any], *, preset: str, config: Any, output_size: tuple[int, int] | None, seed: int
 ) -> dict[str, Any]:
     """The implicit settings to record on this store for a fit (JSON-able).
 
@@ -85,7 +82,6 @@ def implicit_settings(
     ``fingerprint`` hashes everything that changes the bytes of ``implicit``: the fit config, output size, seed,
     backbone and weights, input size and resize policy, channels, PCA basis and dtype.
     """
-    attrs = read_attrs(group)
     out = output_size or tuple(int(s) for s in attrs["output_size"])
     settings: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -110,14 +106,43 @@ def implicit_settings(
 _UNFINGERPRINTED = ("fingerprint", "code_version", "created")
 
 
+def check_implicit(
+    attrs: dict[str, Any],
+    recorded: dict[str, Any] | None,
+    *,
+    preset: str,
+    config: Any,
+    output_size: tuple[int, int] | None,
+    seed: int,
+) -> dict[str, Any]:
+    """The settings a fit would record on a store with main attributes ``attrs``, refused with one line when the
+    store already records others (``recorded``: its :data:`ATTRS_KEY` attributes, or None). Changes nothing.
+
+    Raises:
+        StoreMismatchError: the store already holds implicit features made with other settings.
+    """
+    settings = implicit_settings(attrs, preset=preset, config=config, output_size=output_size, seed=seed)
+    if recorded is not None and recorded.get("fingerprint") != settings["fingerprint"]:
+        diff = [
+            f"{k}: {json.dumps(recorded.get(k))[:40]} -> {json.dumps(settings[k])[:40]}"
+            for k in sorted(settings)
+            if k not in _UNFINGERPRINTED and recorded.get(k) != settings[k]
+        ]
+        raise StoreMismatchError(
+            f"store already holds implicit features made with other settings ({'; '.join(diff[:3])}); rerun "
+            f"with the recorded settings (store attrs {ATTRS_KEY!r}) or write to a fresh store"
+        )
+    return settings
+
+
 def add_implicit_arrays(
     group: "zarr.Group", *, preset: str, config: Any, output_size: tuple[int, int] | None, seed: int
 ) -> dict[str, Any]:
     """Add ``implicit``, ``implicit_error`` and ``implicit_status`` to a store (idempotent) and record the settings.
 
-    Arrays get the store's ``rows_per_shard`` and the dtype and compressors of ``hires``; arrays that exist with the
-    right shape are kept (resume), and the settings are written to attrs after the arrays exist. Call once, on the
-    driver, before any writer starts.
+    The arrays are :meth:`pipeline.store.schema.FeatureStoreSchema.implicit_arrays`; arrays that exist with the
+    right shape are kept (resume), and the settings are written to attrs after the arrays exist. Called by the
+    sink's ``on_write_start`` (driver), before any writer starts.
 
     Args:
         group: the store, opened writable (``pipeline.store.open_store(uri, mode="r+")``).
@@ -129,42 +154,20 @@ def add_implicit_arrays(
     Raises:
         StoreMismatchError: the store already holds implicit features made with other settings.
     """
-    settings = implicit_settings(group, preset=preset, config=config, output_size=output_size, seed=seed)
-    recorded = group.attrs.get(ATTRS_KEY)
-    if recorded is not None and recorded.get("fingerprint") != settings["fingerprint"]:
-        diff = [
-            f"{k}: {json.dumps(recorded.get(k))[:40]} -> {json.dumps(settings[k])[:40]}"
-            for k in sorted(settings)
-            if k not in _UNFINGERPRINTED and recorded.get(k) != settings[k]
-        ]
-        raise StoreMismatchError(
-            f"store already holds implicit features made with other settings ({'; '.join(diff[:3])}); rerun "
-            f"with the recorded settings (store attrs {ATTRS_KEY!r}) or write to a fresh store"
-        )
     attrs = read_attrs(group)
-    n = int(group["status"].shape[0])
-    rows = min(n, int(attrs["rows_per_shard"]))
-    hires = group["hires"]
-    c = int(hires.shape[1])
-    hi, wi = settings["output_size"]
-    want = {
-        IMPLICIT: dict(
-            shape=(n, c, hi, wi), dtype=hires.dtype, chunks=(1, c, hi, wi), shards=(rows, c, hi, wi),
-            compressors=hires.compressors, fill_value=0,
-        ),
-        IMPLICIT_ERROR: dict(shape=(n,), dtype=str, chunks=(rows,), fill_value=""),
-        IMPLICIT_STATUS: dict(shape=(n,), dtype="uint8", chunks=(rows,), fill_value=int(Status.PENDING)),
-    }
+    recorded = group.attrs.get(ATTRS_KEY)
+    settings = check_implicit(attrs, recorded, preset=preset, config=config, output_size=output_size, seed=seed)
+    schema = FeatureStoreSchema.from_dict(attrs)
     have = set(group.array_keys())
-    for name, spec in want.items():  # implicit_status last: it is what marks rows done
+    for name, spec in schema.implicit_arrays(settings["output_size"]).items():  # implicit_status last
         if name in have:
-            if tuple(group[name].shape) != spec["shape"]:
+            if tuple(group[name].shape) != spec.shape:
                 raise StoreMismatchError(
-                    f"store array {name!r} has shape {tuple(group[name].shape)}, expected {spec['shape']}; "
+                    f"store array {name!r} has shape {tuple(group[name].shape)}, expected {spec.shape}; "
                     "write the implicit features to a fresh store"
                 )
             continue
-        group.create_array(name, **spec)
+        group.create_array(name, **spec.create_kwargs())
     if recorded is None:
         group.attrs[ATTRS_KEY] = settings
         return settings

@@ -12,13 +12,24 @@ array              shape                chunk / shard         meaning
 ``lowres``         ``(N, C, h, w)``     1 row / S rows        backbone features
 ``hires``          ``(N, C, H, W)``     1 row / S rows        upsampled features (materialized mode only)
 ``guidance``       ``(N, Hi, Wi, 3)`` u8  1 row / S rows      on-read mode only: the decoded, resized input image
-``implicit``       ``(N, C, Hi, Wi)``   1 row / S rows        optional per-image implicit features
-``implicit_status`` ``(N,)`` uint8      S rows                optional; 1 where ``implicit`` is written
 ``error``          ``(N,)`` str         S rows                failure reason, ``""`` for good rows
-``status``         ``(N,)`` uint8       S rows                0 pending, 1 complete, 2 failed; written LAST
+``status``         ``(N,)`` uint8       S rows                :class:`Status` (pending, complete, failed); LAST
+``implicit``       ``(N, C, Hi, Wi)``   1 row / S rows        optional per-image implicit features
+``implicit_error`` ``(N,)`` str         S rows                optional; why a row's implicit fit failed
+``implicit_status`` ``(N,)`` uint8      S rows                optional; :class:`Status` of ``implicit``; its LAST
 =================  ===================  ====================  ======================================================
 
+Every array is declared once, by :meth:`FeatureStoreSchema.arrays` (the main arrays) and
+:meth:`FeatureStoreSchema.implicit_arrays` (the optional implicit ones, added by a later pass without changing the
+main fingerprint); creating, validating and writing a store all read these declarations.
+
 Rules:
+
+- **hires mode** (``hires_mode``): ``"materialized"`` (default) stores ``hires``; ``"on-read"`` (compact) stores
+  ``guidance`` instead, plus the upsampler under the sub-group ``upsampler/`` (its checkpoint files, verified by
+  hash on open; :mod:`pipeline.store.compact`), and readers compute ``hires`` from ``lowres`` + ``guidance``
+  (:mod:`pipeline.read.on_read`). ``hires_mode`` and ``input_size`` enter the attributes only for on-read stores,
+  so every materialized store keeps its fingerprint.
 
 - **Shard size**: ``S = clamp(floor(TARGET_SHARD_BYTES / bytes of one hires row), 1, MAX_ROWS_PER_SHARD)``; the
   same S for every row-aligned array, so shard ``k`` of every array covers rows ``[k*S, (k+1)*S)``.
@@ -27,11 +38,6 @@ Rules:
   merged), then ``status`` last. A row is complete only when ``status == 1``.
 - **Features dtype**: float16 / float32 are stored as such; bfloat16 is stored as its raw ``uint16`` bits (Zarr has
   no bfloat16) with ``attrs["featup"]["dtype"] == "bfloat16"``; :func:`to_torch` turns either back into a tensor.
-- **hires mode** (``hires_mode``): ``"materialized"`` (default) stores ``hires``; ``"on-read"`` (compact) stores
-  ``guidance`` instead, plus the upsampler under the sub-group ``upsampler/`` (its checkpoint files, verified by
-  hash on open; :mod:`pipeline.store.compact`), and readers compute ``hires`` from ``lowres`` + ``guidance``
-  (:mod:`pipeline.read.on_read`). ``hires_mode`` and ``input_size`` enter the attributes only for on-read stores,
-  so every materialized store keeps its fingerprint.
 - **Attributes** under the key ``"featup"``: the :class:`FeatureStoreSchema` fields, the job settings (backbone,
   weights hash, upsampler config and checkpoint hash, input size, stride, normalisation, resize policy, PCA basis,
   manifest digest), ``fingerprint`` (hash of schema + settings: a rerun with any other value is refused),
@@ -57,6 +63,7 @@ __all__ = [
     "DEFAULT_CODEC",
     "DTYPE_BYTES",
     "FORMAT_VERSION",
+    "ArraySpec",
     "FeatureStoreSchema",
     "HIRES_MODES",
     "Status",
@@ -81,7 +88,7 @@ DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 #: Compressor choices by name. Measured on EfficientNet-Lite0 features upsampled to 112^2, fp16, one chunk per
 #: image (docs/featurize.md): Blosc zstd + byte shuffle compresses best (1.44x bilateral-upsampled here, 2.09x
-#: bilinear in DESIGN.md, vs 1.10x / 1.46x for zarr's default zstd) and reads fast, so it is the default.
+#: bilinear in docs/design.md, vs 1.10x / 1.46x for zarr's default zstd) and reads fast, so it is the default.
 CODECS: dict[str, Any] = {
     "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
     "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
@@ -117,6 +124,37 @@ def pair(v: Any, name: str) -> tuple[int, int]:
     if a < 1 or b < 1:
         raise StoreError(f"store field {name} must be positive, got {v!r}")
     return a, b
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the layout: what ``zarr.Group.create_array`` gets.
+
+    Attributes:
+        shape: the whole array's shape (rows first).
+        chunks: inner chunk shape (one row for feature arrays).
+        shards: shard shape (S rows) or None for unsharded arrays (one chunk = S rows).
+        dtype: numpy dtype name, or ``str`` for strings.
+        fill_value: value of unwritten cells.
+        codec: key of :data:`CODECS` (feature arrays) or None (zarr's default).
+    """
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: Any
+    fill_value: Any
+    shards: tuple[int, ...] | None = None
+    codec: str | None = None
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``zarr.Group.create_array`` for this array."""
+        out: dict[str, Any] = {"shape": self.shape, "chunks": self.chunks, "dtype": self.dtype,
+                               "fill_value": self.fill_value}
+        if self.shards is not None:
+            out["shards"] = self.shards
+        if self.codec is not None:
+            out["compressors"] = CODECS[self.codec]()
+        return out
 
 
 @dataclass(frozen=True)
@@ -178,14 +216,6 @@ class FeatureStoreSchema:
         """Uncompressed bytes of one row of ``guidance`` (0 for a materialized store)."""
         return 0 if not self.on_read else 3 * self.input_size[0] * self.input_size[1]
 
-    def row_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Name -> (per-row shape, storage dtype) of every array stored one chunk per row (feature arrays and
-        ``guidance``): the arrays whose whole shard :func:`pipeline.store.zarr_store.write_shard` replaces."""
-        out = {k: (v, self.storage_dtype) for k, v in self.feature_arrays().items()}
-        if self.on_read:
-            out["guidance"] = ((*self.input_size, 3), "uint8")
-        return out
-
     def materialized(self) -> "FeatureStoreSchema":
         """The materialized schema with the same settings (what ``jobs/materialize.py`` writes); ``rows_per_shard``
         re-derived from the ``hires`` row size."""
@@ -231,6 +261,41 @@ class FeatureStoreSchema:
             out["implicit"] = (self.channels, *self.implicit_size)
         return out
 
+    def _feature(self, row_shape: tuple[int, ...]) -> ArraySpec:
+        rows = min(self.n_rows, self.rows_per_shard)
+        return ArraySpec(
+            shape=(self.n_rows, *row_shape), chunks=(1, *row_shape), shards=(rows, *row_shape),
+            dtype=self.storage_dtype, fill_value=0, codec=self.codec,
+        )
+
+    def _per_row(self, dtype: Any, fill_value: Any, *row_shape: int) -> ArraySpec:
+        rows = min(self.n_rows, self.rows_per_shard)
+        return ArraySpec(shape=(self.n_rows, *row_shape), chunks=(rows, *row_shape), dtype=dtype,
+                         fill_value=fill_value)
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """Every array of the main layout, by name, in creation order (``status`` last)."""
+        out = {name: self._per_row(str, "") for name in ("image_id", "uri", "error")}
+        out.update({name: self._per_row("int32", 0, 2) for name in ("orig_size", "valid_size")})
+        out.update({name: self._feature(shape) for name, shape in self.feature_arrays().items()})
+        if self.on_read:  # compact store: the guidance image, chunked and sharded like a feature array, lossless
+            rows = min(self.n_rows, self.rows_per_shard)
+            row = (*self.input_size, 3)
+            out["guidance"] = ArraySpec(shape=(self.n_rows, *row), chunks=(1, *row), shards=(rows, *row),
+                                        dtype="uint8", fill_value=0, codec=self.codec)
+        out["status"] = self._per_row("uint8", int(Status.PENDING))
+        return out
+
+    def implicit_arrays(self, size: tuple[int, int]) -> dict[str, ArraySpec]:
+        """The implicit arrays for features of ``size = (Hi, Wi)``, in creation order (``implicit_status`` last):
+        ``implicit`` with the dtype, codec and sharding of ``hires``; ``implicit_error``; ``implicit_status``."""
+        hi, wi = pair(size, "implicit_size")
+        return {
+            "implicit": self._feature((self.channels, hi, wi)),
+            "implicit_error": self._per_row(str, ""),
+            "implicit_status": self._per_row("uint8", int(Status.PENDING)),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lowres_size"] = list(self.lowres_size)
@@ -257,8 +322,6 @@ def to_torch(values: np.ndarray, dtype: str) -> "torch.Tensor":
 
     t = torch.from_numpy(np.ascontiguousarray(values))
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
 
 
 def to_store_dtype(t: "torch.Tensor", dtype: str) -> np.ndarray:

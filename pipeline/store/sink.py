@@ -1,13 +1,21 @@
-"""``ZarrFeatureDatasink``: the Ray Data sink that writes featurized work units into a feature store.
+"""``ZarrFeatureDatasink``: the Ray Data sink through which every write of a plan reaches the feature store.
 
-Each input row is one whole shard (see :mod:`pipeline.featurize.stages`), so every shard has exactly one writer, whatever way
-Ray groups rows into blocks and write tasks. The store's arrays are created on the driver before the plan runs
-(:func:`pipeline.store.zarr_store.create_or_open_store`); ``on_write_start`` only checks that the store is there.
+It follows Ray's sink lifecycle:
+
+- ``on_write_start`` (driver, before the first write task): creates the store from its schema and settings, or
+  validates an existing one (same fingerprint, else one line naming what differs) and adds any missing array.
+- ``write`` (write tasks): each input row is one work unit = one whole shard (see :mod:`pipeline.featurize.stages`),
+  so every shard has exactly one writer whatever way Ray groups rows into blocks and tasks. A unit carrying features
+  is written with :func:`pipeline.store.zarr_store.write_shard` (``status`` last); a unit carrying implicit features
+  with :func:`pipeline.store.implicit.write_implicit_rows` (``implicit_status`` last); rows with neither (a fitter's
+  heartbeat) are skipped.
+- ``on_write_complete`` (driver): totals of the write tasks, kept in :attr:`result`.
+- ``on_write_failed`` (driver): keeps the error in :attr:`error`. Nothing needs undoing: a row counts only once its
+  status is written, and a rerun rewrites any shard that is not complete, so the store is always resumable.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -15,76 +23,92 @@ from typing import Any
 import numpy as np
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
-from ray.data._internal.execution.interfaces import TaskContext
 
-from pipeline.store.schema import Status
-from pipeline.store.zarr_store import open_store, write_shard
+from pipeline.store.implicit import add_implicit_arrays, write_implicit_rows
+from pipeline.store.schema import FeatureStoreSchema, Status
+from pipeline.store.zarr_store import create_or_open_store, open_store, write_shard
 
-__all__ = ["ZarrFeatureDatasink", "CRASH_ENV"]
+__all__ = ["ZarrFeatureDatasink"]
 
-#: Test-only: when this variable is set (to a shard index) in the driver's environment when the sink is built, the
-#: write of that shard stores its features but raises before its ``status``, as a crash mid-shard would.
-CRASH_ENV: str = "FEATUP_TEST_CRASH_AT_SHARD"
-
-_GROUPS: dict[str, Any] = {}
+#: Per-row arrays a featurized unit carries: materialized units ``hires``, on-read (compact) units ``guidance``.
+_MAIN_ARRAYS = ("orig_size", "valid_size", "lowres", "hires", "guidance", "status")
 
 
 class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
-    """Write work units (one shard each) into an existing feature store.
+    """Write work units (one shard each) into a feature store, creating or validating it first.
 
     Args:
         uri: the store's local path or ``s3://`` URI.
+        schema: the store's layout; None = the store exists and is only written (the second implicit pass).
+        settings: the fingerprinted job settings (see :func:`pipeline.store.zarr_store.create_or_open_store`).
+        extra_attrs: attributes stored when the store is created, not fingerprinted (the PCA basis).
+        implicit: the implicit fit the units carry (:func:`pipeline.store.implicit.add_implicit_arrays`' keywords),
+            or None; its arrays are created or validated at the start.
         storage_options: fsspec options for object stores.
     """
 
-    def __init__(self, uri: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        schema: FeatureStoreSchema | None = None,
+        settings: dict[str, Any] | None = None,
+        *,
+        extra_attrs: dict[str, Any] | None = None,
+        implicit: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.uri = uri
+        self.schema = schema
+        self.settings = settings or {}
+        self.extra_attrs = extra_attrs or {}
+        self.implicit = implicit
         self.storage_options = storage_options
-        crash = os.environ.get(CRASH_ENV)
-        self._crash_at = int(crash) if crash else None
         self.result: dict[str, Any] = {}
-
-    def _group(self) -> Any:
-        key = json.dumps([self.uri, self.storage_options], sort_keys=True, default=str)
-        if key not in _GROUPS:  # once per worker process
-            _GROUPS[key] = open_store(self.uri, mode="r+", storage_options=self.storage_options)
-        return _GROUPS[key]
+        self.error: Exception | None = None
 
     def on_write_start(self, schema: Any = None) -> None:
-        open_store(self.uri, storage_options=self.storage_options)  # fail on the driver if the store is missing
+        if self.schema is None:  # the second pass: the store exists
+            group = open_store(self.uri, mode="r+", storage_options=self.storage_options)
+        else:
+            group, _ = create_or_open_store(
+                self.uri, self.schema, self.settings, storage_options=self.storage_options,
+                extra_attrs=lambda: dict(self.extra_attrs),
+            )
+        if self.implicit is not None:
+            add_implicit_arrays(group, **self.implicit)
 
-    def write(self, blocks: Iterable[Block], ctx: TaskContext) -> dict[str, Any]:
-        group = self._group()
-        out: dict[str, Any] = {"units": 0, "complete": 0, "failed": 0, "bytes": 0, "done": []}
+    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, Any]:
+        group = open_store(self.uri, mode="r+", storage_options=self.storage_options)
+        out: dict[str, Any] = {"units": 0, "complete": 0, "failed": 0, "fitted": 0, "fit_failed": 0, "bytes": 0,
+                               "done": []}
         for block in blocks:
             for unit in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
+                if "shard" not in unit:
+                    continue  # a heartbeat row: no data
                 n = int(unit["n"])
                 meta = json.loads(str(unit["meta"]))
-                data = {
-                    "image_id": np.asarray(meta["image_id"], dtype=str),
-                    "uri": np.asarray(meta["uri"], dtype=str),
-                    "error": np.asarray(meta["error"], dtype=str),
-                    "orig_size": np.asarray(unit["orig_size"])[:n],
-                    "valid_size": np.asarray(unit["valid_size"])[:n],
-                    "lowres": np.asarray(unit["lowres"])[:n],
-                    "status": np.asarray(unit["status"])[:n],
-                }
-                for name in ("hires", "guidance"):  # materialized units carry hires, on-read (compact) guidance
-                    if name in unit:
-                        data[name] = np.asarray(unit[name])[:n]
                 shard = int(unit["shard"])
-                if shard == self._crash_at:
-                    write_shard(group, shard, {**data, "status": np.zeros(n, dtype=np.uint8)})
-                    raise RuntimeError(f"{CRASH_ENV}: simulated crash while writing shard {shard}")
-                out["bytes"] += write_shard(group, shard, data)
+                if "status" in unit:
+                    data = {name: np.asarray(unit[name])[:n] for name in _MAIN_ARRAYS if name in unit}
+                    data.update({k: np.asarray(meta[k], dtype=str) for k in ("image_id", "uri", "error")})
+                    out["bytes"] += write_shard(group, shard, data)
+                    out["complete"] += int((data["status"] == Status.COMPLETE).sum())
+                    out["failed"] += int((data["status"] == Status.FAILED).sum())
+                if "implicit_status" in unit:  # the unit's fitted rows (a subset of its rows, in row order)
+                    rows = np.asarray(meta["implicit_rows"], dtype=np.int64)
+                    status = np.asarray(unit["implicit_status"])[: len(rows)]
+                    if len(rows):
+                        write_implicit_rows(
+                            group, rows, np.asarray(unit["implicit"])[: len(rows)], status, meta["implicit_error"]
+                        )
+                    out["fitted"] += int((status == Status.COMPLETE).sum())
+                    out["fit_failed"] += int((status == Status.FAILED).sum())
                 out["units"] += 1
-                out["complete"] += int((data["status"] == Status.COMPLETE).sum())
-                out["failed"] += int((data["status"] == Status.FAILED).sum())
                 out["done"].append((time.time(), n))  # (wall time the unit was complete, its rows)
         return out
 
     def on_write_complete(self, write_result: Any) -> None:
-        total: dict[str, Any] = {"units": 0, "complete": 0, "failed": 0, "bytes": 0}
+        total: dict[str, Any] = {"units": 0, "complete": 0, "failed": 0, "fitted": 0, "fit_failed": 0, "bytes": 0}
         done: list[tuple[float, int]] = []
         for r in write_result.write_returns:
             for k in total:
@@ -96,6 +120,9 @@ class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
         if len(done) >= 2 and done[-1][0] > done[0][0]:
             total["steady_images_per_s"] = sum(n for _, n in done[1:]) / (done[-1][0] - done[0][0])
         self.result = total
+
+    def on_write_failed(self, error: Exception) -> None:
+        self.error = error
 
     def get_name(self) -> str:
         return "ZarrFeature"

@@ -21,9 +21,10 @@ import zarr
 from pipeline.errors import StoreError, StoreMismatchError
 from pipeline.fmt import fmt_bytes
 from pipeline.io.storage import access_errors, filesystem, is_remote, resolve_storage_options
-from pipeline.store.schema import ATTRS_KEY, CODECS, FeatureStoreSchema, Status
+from pipeline.store.schema import ATTRS_KEY, FeatureStoreSchema, Status
 
 __all__ = [
+    "check_store",
     "code_version",
     "complete_rows",
     "create_or_open_store",
@@ -121,32 +122,11 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
 
 
 def _ensure_arrays(group: zarr.Group, schema: FeatureStoreSchema) -> None:
-    """Create every array of the layout that ``group`` lacks (all of them for a new store)."""
+    """Create every array of the layout that ``group`` lacks (all of them for a new store), ``status`` last."""
     have = set(group.array_keys())
-    n, s = schema.n_rows, schema.rows_per_shard
-    rows = min(n, s)
-    compressor = CODECS[schema.codec]()
-    for name in ("image_id", "uri", "error"):
+    for name, spec in schema.arrays().items():
         if name not in have:
-            group.create_array(name, shape=(n,), chunks=(rows,), dtype=str, fill_value="")
-    for name in ("orig_size", "valid_size"):
-        if name not in have:
-            group.create_array(name, shape=(n, 2), chunks=(rows, 2), dtype="int32", fill_value=0)
-    for name, (row_shape, dtype) in schema.row_arrays().items():  # feature arrays (+ on-read ``guidance``)
-        if name not in have:
-            group.create_array(
-                name,
-                shape=(n, *row_shape),
-                chunks=(1, *row_shape),
-                shards=(rows, *row_shape),
-                dtype=dtype,
-                fill_value=0,
-                compressors=compressor,
-            )
-    extra = ["implicit_status"] if schema.implicit_size is not None else []
-    for name in [*extra, "status"]:
-        if name not in have:
-            group.create_array(name, shape=(n,), chunks=(rows,), dtype="uint8", fill_value=0)
+            group.create_array(name, **spec.create_kwargs())
 
 
 def _holds_files(uri: str, storage_options: dict[str, Any] | None) -> bool:
@@ -159,6 +139,53 @@ def _holds_files(uri: str, storage_options: dict[str, Any] | None) -> bool:
             return bool(fs.ls(path, detail=False))
         except FileNotFoundError:
             return False
+
+
+def _existing_store(
+    uri: str, store: Any, schema: FeatureStoreSchema, settings: dict[str, Any], storage_options: dict[str, Any] | None
+) -> zarr.Group | None:
+    """The feature store at ``uri`` when it was written with these settings; None when nothing (or an empty group)
+    is there. Anything else is refused with one line (files are never overwritten)."""
+    with access_errors(f"store {uri!r}"):
+        try:
+            group = zarr.open_group(store, mode="r+" if not store.read_only else "r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            group = None
+        if group is None:
+            if _holds_files(uri, storage_options):
+                raise StoreError(
+                    f"{uri!r} already holds files that are not a feature store; choose a new or empty --output "
+                    "(nothing there was changed)"
+                )
+            return None
+    if ATTRS_KEY not in group.attrs:
+        if any(True for _ in group.keys()):
+            raise StoreError(f"{uri!r} holds a Zarr group that is not a feature store; choose another --output")
+        return None
+    old = read_attrs(group)
+    if old.get("fingerprint") != fingerprint(schema, settings):
+        new = {"hires_mode": schema.hires_mode, **schema.to_dict(), **settings}
+        was = {"hires_mode": old.get("hires_mode", "materialized"), **{k: v for k, v in old.items() if k in new}}
+        what = "; ".join(_diff(was, new)[:4]) or "fingerprint differs"
+        raise StoreMismatchError(
+            f"store {uri!r} was written with other settings ({what}); rerun with the same settings to "
+            f"resume, or choose a new --output"
+        )
+    return group
+
+
+def check_store(
+    uri: str, schema: FeatureStoreSchema, settings: dict[str, Any], *, storage_options: dict[str, Any] | None = None
+) -> zarr.Group | None:
+    """Validate ``uri`` before a job starts, changing nothing: the existing store (opened read-only) when it was
+    written with these settings, None when there is none yet.
+
+    Raises:
+        StoreMismatchError / StoreError / StorageAccessError: as :func:`create_or_open_store` would.
+    """
+    return _existing_store(
+        uri, _zarr_store(uri, storage_options, read_only=True), schema, settings, storage_options
+    )
 
 
 def create_or_open_store(
@@ -189,32 +216,10 @@ def create_or_open_store(
     """
     fp = fingerprint(schema, settings)
     store = _zarr_store(uri, storage_options, read_only=False)
-    with access_errors(f"store {uri!r}"):
-        try:
-            existing = zarr.open_group(store, mode="r+")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            existing = None
-    if existing is None and _holds_files(uri, storage_options):
-        raise StoreError(
-            f"{uri!r} already holds files that are not a feature store; choose a new or empty --output "
-            "(nothing there was changed)"
-        )
+    existing = _existing_store(uri, store, schema, settings, storage_options)
     if existing is not None:
-        if ATTRS_KEY not in existing.attrs:
-            if any(True for _ in existing.keys()):
-                raise StoreError(f"{uri!r} holds a Zarr group that is not a feature store; choose another --output")
-        else:
-            old = read_attrs(existing)
-            if old.get("fingerprint") != fp:
-                new = {"hires_mode": schema.hires_mode, **schema.to_dict(), **settings}
-                was = {"hires_mode": old.get("hires_mode", "materialized"), **{k: v for k, v in old.items() if k in new}}
-                what = "; ".join(_diff(was, new)[:4]) or "fingerprint differs"
-                raise StoreMismatchError(
-                    f"store {uri!r} was written with other settings ({what}); rerun with the same settings to "
-                    f"resume, or choose a new --output"
-                )
-            _ensure_arrays(existing, schema)
-            return existing, True
+        _ensure_arrays(existing, schema)
+        return existing, True
     attrs = {
         **schema.to_dict(),
         **settings,
@@ -263,7 +268,7 @@ def write_shard(group: zarr.Group, shard: int, data: dict[str, np.ndarray]) -> i
         if value.shape[0] != n:
             raise StoreError(f"shard {shard}: {name} has {value.shape[0]} rows, the shard has {n}")
         arr = group[name]
-        if name in schema.row_arrays():
+        if name in schema.feature_arrays() or name == "guidance":  # row-chunked, sharded arrays
             _delete_shard_objects(arr, (shard,) + (0,) * (arr.ndim - 1))
         arr[start:stop] = value
         written += value.nbytes

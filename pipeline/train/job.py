@@ -59,20 +59,13 @@ def _decode_batch(
     Images are read with :func:`pipeline.io.sources.read_many` and decoded with the "crop" policy (FeatUp's Resize +
     CenterCrop). Unreadable or undecodable images are dropped: training has no use for error rows.
     """
-    from pipeline.io.decode import decode_image
-    from pipeline.errors import DecodeError
-    from pipeline.io.sources import read_many
+    from pipeline.io.decode import read_and_decode
 
-    datas = read_many(list(batch["uri"]), storage_options, return_exceptions=True)
     rows, images = [], []
-    for row, data in zip(batch["row"], datas):
-        if isinstance(data, BaseException):
-            continue
-        try:
-            images.append(decode_image(data, size=(size, size), policy="crop").pixels)
-        except DecodeError:
-            continue
-        rows.append(int(row))
+    for i, d, _ in read_and_decode(list(batch["uri"]), storage_options, size=(size, size), policy="crop"):
+        if d is not None:
+            images.append(d.pixels)
+            rows.append(int(batch["row"][i]))
     if not images:
         return {"row": np.zeros((0,), np.int64), "image": np.zeros((0, size, size, 3), np.uint8)}
     return {"row": np.asarray(rows, np.int64), "image": np.stack(images)}
