@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pipeline.cli import json_object
 from pipeline.errors import ConfigError
 from pipeline.io.decode import MAX_PIXELS, check_size, size_hw
-from pipeline.store.schema import CODECS, DEFAULT_CODEC, DTYPE_BYTES
+from pipeline.store.schema import CODECS, DEFAULT_CODEC, DTYPE_BYTES, HIRES_MODES
 
 if TYPE_CHECKING:
     from featup_ops.config import ImplicitConfig
@@ -50,6 +50,8 @@ class FeaturizeConfig:
         implicit_size / implicit_gpus / implicit_preset / implicit_actors / implicit_cpus / implicit_seed: their
             ``(H, W)`` (None = the output size), GPUs per actor (None = 1 if the cluster has GPUs, else 0), preset
             name (or, through the API, a ``featup_ops.ImplicitConfig``), pool size, CPUs per actor, fitting seed.
+        hires: ``materialized`` (store ``hires``) or ``on-read`` (compact: store ``lowres`` + the guidance image + the
+            upsampler; readers produce ``hires``, see :mod:`pipeline.store.compact`).
     """
 
     input: str
@@ -85,10 +87,13 @@ class FeaturizeConfig:
     implicit_actors: int = 1
     implicit_cpus: float = 1.0
     implicit_seed: int = 0
+    hires: Literal["materialized", "on-read"] = "materialized"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
             raise ConfigError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if self.hires not in HIRES_MODES:
+            raise ConfigError(f"--hires {self.hires!r} is not one of {', '.join(HIRES_MODES)}")
         if self.policy not in ("crop", "pad"):
             raise ConfigError(f"--policy {self.policy!r} is not 'crop' or 'pad'")
         for name in ("input_size", "output_size"):
@@ -146,6 +151,9 @@ def add_featurize_args(parser: Any) -> Any:
     a("--rows-per-shard", type=int, default=None, help="override images per shard (default: ~64 MiB shards)")
     a("--storage-options", type=json_object, default=None, help='fsspec options as JSON, e.g. \'{"anon": true}\'')
     a("--progress-interval-s", type=float, default=d.progress_interval_s, help="seconds between progress lines")
+    a("--hires", default=d.hires, choices=list(HIRES_MODES),
+      help="materialized: store hires; on-read: store lowres + guidance image + upsampler, hires computed by the "
+           "reader (~100x smaller; default %(default)s)")
     a("--quiet", action=argparse.BooleanOptionalAction, default=False, help="print nothing")
     from pipeline.featurize.implicit import add_implicit_args
 

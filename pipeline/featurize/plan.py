@@ -33,16 +33,27 @@ from pipeline.store.lock import store_lock
 
 __all__ = ["run_featurize", "run_plan", "plan_sizes", "main_from_config", "PlanFailed"]
 
-def plan_sizes(schema: FeatureStoreSchema, codec: str) -> str:
+def plan_sizes(schema: FeatureStoreSchema, codec: str, input_size: tuple[int, int] | None = None) -> str:
     """The line printed before a job starts: bytes per image and in total, uncompressed. (What the codec saves
-    depends on the backbone, the upsampler and the size; the store summary at the end reports the measured ratio.)"""
+    depends on the backbone, the upsampler and the size; the store summary at the end reports the measured ratio.)
+    With ``input_size``, also both store modes' bytes (materialized vs on-read, :mod:`pipeline.store.compact`)."""
     per = schema.row_bytes
     total = per * schema.n_rows
     c, (h, w), (hh, ww) = schema.channels, schema.lowres_size, schema.output_size
+    if schema.on_read:
+        gh, gw = schema.input_size
+        what = f"guidance {gh}x{gw}x3 uint8, hires {c}x{hh}x{ww} on read"
+    else:
+        what = f"hires {c}x{hh}x{ww}"
+    modes = ""
+    if input_size is not None:
+        from pipeline.store.compact import modes_size_text
+
+        modes = "; " + modes_size_text(schema, input_size)
     return (
         f"featurize: {schema.n_rows} images -> per image {fmt_bytes(per)} ({schema.dtype}: lowres {c}x{h}x{w} + "
-        f"hires {c}x{hh}x{ww}); total {fmt_bytes(total)} uncompressed before {codec} compression; "
-        f"{schema.rows_per_shard} images per shard, {schema.num_shards} shards"
+        f"{what}); total {fmt_bytes(total)} uncompressed before {codec} compression; "
+        f"{schema.rows_per_shard} images per shard, {schema.num_shards} shards{modes}"
     )
 
 
@@ -76,12 +87,17 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
     t_start = time.monotonic()
     job = resolve_featurize(cfg)
     schema = job.schema
-    _say(cfg.quiet, plan_sizes(schema, cfg.codec))
+    _say(cfg.quiet, plan_sizes(schema, cfg.codec, cfg.input_hw))
     before = counts_before(job)
     if job.resumed:
         _say(cfg.quiet, f"featurize: resuming {cfg.output}: {before['complete'] + before['failed']} rows done, "
                         f"{len(job.units)} of {schema.num_shards} shards to go")
     written = run_plan(job)
+    if schema.on_read and cfg.upsampler:  # the compact store keeps its own copy of the checkpoint (issue 14)
+        from pipeline.store.compact import store_upsampler
+
+        store_upsampler(open_store(cfg.output, mode="r+", storage_options=cfg.storage_options), cfg.output,
+                        cfg.upsampler, job.settings["upsampler_checkpoint_hash"], storage_options=cfg.storage_options)
     counts = status_counts(open_store(cfg.output, storage_options=cfg.storage_options))
     seconds = time.monotonic() - t_start
     new = counts["complete"] + counts["failed"] - before["complete"] - before["failed"]

@@ -168,17 +168,23 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     model = ModelSpec(
         backbone=cfg.backbone, weights=cfg.weights, upsampler=cfg.upsampler, output_size=cfg.output_hw,
         dtype=cfg.dtype, batch_size=cfg.batch_size, storage_options=cfg.storage_options,
-        torch_threads=cfg.torch_threads,
+        torch_threads=cfg.torch_threads, hires_mode=cfg.hires,
     )
     upsampler = build_upsampler(model)  # validates the checkpoint; its hash comes with it (one read)
+    on_read = cfg.hires == "on-read"  # compact store mode (pipeline/featurize/compact.py)
+    if on_read:
+        from pipeline.featurize.compact import check_on_read
+
+        check_on_read(upsampler, cfg.pca)
     input_hw = cfg.input_hw
     probe = FeatureStoreSchema(
         n_rows=len(manifest), channels=cfg.pca or info.dim,
         lowres_size=(input_hw[0] // info.stride, input_hw[1] // info.stride), output_size=cfg.output_hw,
-        dtype=cfg.dtype, codec=cfg.codec,
+        dtype=cfg.dtype, codec=cfg.codec, hires_mode=cfg.hires, input_size=input_hw if on_read else None,
     )
+    shard_row_bytes = probe.row_bytes if on_read else probe.hires_row_bytes  # on-read: ~64 MiB of compact rows
     schema = dataclasses.replace(
-        probe, rows_per_shard=cfg.rows_per_shard or rows_per_shard_for(probe.hires_row_bytes)
+        probe, rows_per_shard=cfg.rows_per_shard or rows_per_shard_for(shard_row_bytes)
     )
     settings = {
         "backbone": cfg.backbone,
@@ -216,7 +222,9 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     units, pending_fits = _pending_units(manifest, schema, existing, cfg.implicit)
     return PlanJob(
         uri=cfg.output, schema=schema, settings=settings, units=units, decode=decode, model=model, fitter=fitter,
-        stage=stage, implicit=identity, extra_attrs={"pca": pca}, create=True,
+        stage=stage, implicit=identity, create=True,
+        # settings_keys: what jobs/materialize.py carries over from a compact store into a materialized one
+        extra_attrs={"pca": pca, "settings_keys": sorted(settings)},
         resources=PlanResources(cfg.num_gpus, cfg.num_actors, cfg.actor_cpus, cfg.decode_cpus, cfg.batch_size),
         resumed=existing is not None, pending_fits=pending_fits, storage_options=cfg.storage_options,
         progress_interval_s=cfg.progress_interval_s, quiet=cfg.quiet,

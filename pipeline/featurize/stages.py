@@ -52,6 +52,8 @@ class ModelSpec:
         pca: a :class:`featup_ops.pca.PCABasis` ``to_dict()`` or None.
         storage_options: fsspec options for weights / checkpoint URIs.
         torch_threads: intra-op threads of the actor's torch (None: :func:`default_torch_threads`).
+        hires_mode: ``materialized`` or ``on-read`` (no upsampling in the actor; see
+            :func:`pipeline.featurize.compact.compact_output`).
     """
 
     backbone: str
@@ -63,6 +65,7 @@ class ModelSpec:
     pca: dict[str, Any] | None = None
     storage_options: dict[str, Any] | None = None
     torch_threads: int | None = None
+    hires_mode: str = "materialized"
 
 
 def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
@@ -236,6 +239,10 @@ class Featurizer:
             and ``hires (U, S, C, H, W)`` in the store dtype (bfloat16 as uint16 bits; failed rows zero);
             ``status (U, S) uint8`` (``Status.COMPLETE`` or ``Status.FAILED``).
         """
+        if self.spec.hires_mode == "on-read":  # compact store (issue 14): lowres + guidance, no upsampling
+            from pipeline.featurize.compact import compact_output
+
+            return compact_output(self, batch)
         ok = np.asarray(batch["ok"], dtype=bool)
         units, s = ok.shape
         pixels = np.asarray(batch["pixels"])

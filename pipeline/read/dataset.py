@@ -111,8 +111,12 @@ class FeatureDataset(Dataset):
             ``"stop"`` raises :class:`pipeline.errors.CorruptDataError`, one line naming the row, shard and fix;
             ``"skip"`` leaves it out of the batch read by :meth:`__getitems__` (the DataLoader path) with a
             warning and counts it in :attr:`damaged_rows` (a single :meth:`__getitem__` still raises).
+        device: where items' features live. For ``"hires"`` of an on-read (compact) store, also where the stored
+            upsampler runs (``"cuda"``: batched on the GPU of the consuming process; use ``num_workers=0``).
+        size: ``(Ho, Wo)`` (or one side) of ``"hires"`` of an on-read store; None = the store's output size.
 
-    Items: ``{"features": (C', H', W') float32, "row": int, "image_id": str[, "label": (Hl, Wl)]}``.
+    Items: ``{"features": (C', H', W') float32, "row": int, "image_id": str[, "label": (Hl, Wl)]}``, the same from a
+    materialized and an on-read store made with the same settings (within the store dtype's rounding).
     """
 
     def __init__(
@@ -126,6 +130,8 @@ class FeatureDataset(Dataset):
         storage_options: dict[str, Any] | None = None,
         rows: Sequence[int] | np.ndarray | None = None,
         on_damaged: str = "stop",
+        device: str = "cpu",
+        size: int | tuple[int, int] | None = None,
     ) -> None:
         from pipeline.store import complete_rows, open_store, read_attrs
 
@@ -142,10 +148,17 @@ class FeatureDataset(Dataset):
         self.labels = labels
         group = open_store(self.store, mode="r", storage_options=self.storage_options)
         self.attrs: dict[str, Any] = dict(read_attrs(group))
-        if array not in group:
+        self.device = str(device)
+        # issue 14 hook: "hires" of an on-read store is produced from lowres + guidance (pipeline/read/on_read.py)
+        from pipeline.read.on_read import open_on_read
+
+        self._on_read = open_on_read(self, group, array, size)
+        if self._on_read is None and array not in group:
             raise StoreError(f"store {self.store} has no {array!r} array; featurize with the option that writes it")
-        arr = group[array]
+        arr = group["lowres" if self._on_read is not None else array]
         self.array_shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
+        if self._on_read is not None:
+            self.array_shape = (self.array_shape[0], self.array_shape[1], *self._on_read.size)
         self._bfloat16 = self.attrs.get("dtype") == "bfloat16"
         self.rows_per_shard = int(self.attrs.get("rows_per_shard") or (arr.shards or arr.chunks)[0])
         done = np.asarray(complete_rows(group), dtype=np.int64)
@@ -187,6 +200,7 @@ class FeatureDataset(Dataset):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_arr"], state["_pid"] = None, None
+        state.pop("_compact", None), state.pop("_compact_pid", None)  # on-read array handles (pipeline/read/on_read.py)
         del state["_staging"]
         return state
 
@@ -235,7 +249,7 @@ class FeatureDataset(Dataset):
         block, bad = self._read_checked(row, row + 1)
         if bad:
             raise self._damage(row, bad[row])
-        feats = self._as_tensor(block[0]).to(torch.float32, copy=True)
+        feats = self._as_tensor(block[0]).to(self.device, torch.float32, copy=True)
         return self._item(row, feats)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -251,7 +265,13 @@ class FeatureDataset(Dataset):
                 raise IndexError(f"index {i} out of range for {len(self)} complete rows")
         rows = self.rows[idx]
         order = np.argsort(rows, kind="stable")
-        batch = _new_batch((len(idx), *self.item_shape))
+        shape = (len(idx), *self.item_shape)
+        if self.device != "cpu" and torch.utils.data.get_worker_info() is not None:
+            raise ConfigError(
+                f"device={self.device!r} puts (and, for on-read stores, produces) features in the consuming process; "
+                "use num_workers=0, or device='cpu' with DataLoader workers"
+            )
+        batch = _new_batch(shape) if self.device == "cpu" else torch.empty(shape, device=self.device)
         items: list[dict[str, Any] | None] = [None] * len(idx)
         start = 0
         while start < len(order):
@@ -301,6 +321,10 @@ class FeatureDataset(Dataset):
         zarr decodes straight into a reused, already-paged-in buffer (``out=``) instead of allocating a fresh one
         per read; the caller copies out (the float32 conversion does). Valid until this thread's next read.
         """
+        if self._on_read is not None:  # (n, C', H', W') float32 tensor on the device, computed from compact arrays
+            from pipeline.read.on_read import read_on_read
+
+            return read_on_read(self, start, stop)
         arr = self._array()
         n = stop - start
         shape = (n, self.num_channels, self._ys.stop - self._ys.start, self._xs.stop - self._xs.start)
@@ -327,10 +351,11 @@ class FeatureDataset(Dataset):
             if not is_damage(e):
                 raise
         bad: dict[int, BaseException] = {}
-        view = None
+        view: Any = None
         for r in range(start, stop):  # find the damaged rows: one chunk at a time
             try:
-                one = self._read(r, r + 1)[0].copy()
+                one = self._read(r, r + 1)[0]
+                one = one.clone() if isinstance(one, torch.Tensor) else one.copy()
             except Exception as e:
                 if not is_damage(e):
                     raise
@@ -339,24 +364,39 @@ class FeatureDataset(Dataset):
                 bad[r] = e
                 continue
             if view is None:
-                view = np.empty((stop - start, *one.shape), dtype=one.dtype)
+                view = (
+                    one.new_empty((stop - start, *one.shape))
+                    if isinstance(one, torch.Tensor)
+                    else np.empty((stop - start, *one.shape), dtype=one.dtype)
+                )
             view[r - start] = one
         for r, e in bad.items():
             if r not in self.damaged_rows:
                 self.damaged_rows.add(r)
                 warnings.warn(f"FeatureDataset: skipped {len(self.damaged_rows)} damaged row(s) so far; "
                               f"{self._damage(r, e)}", RuntimeWarning, stacklevel=3)
-        if view is None:
-            view = np.zeros((stop - start, *self.item_shape), dtype=self._array().dtype)
+        if view is None:  # every row damaged: placeholder values, never handed out
+            view = (
+                torch.zeros((stop - start, *self.item_shape), device=self.device)
+                if self._on_read is not None
+                else np.zeros((stop - start, *self.item_shape), dtype=self._array().dtype)
+            )
         return view, bad
 
     def _damage(self, row: int, cause: BaseException) -> Exception:
         from pipeline.store.checksum import damage_error
 
-        return damage_error(self.store, self._array(), row, self.rows_per_shard, cause)
+        arr = self._array() if self._on_read is None else None
+        if arr is None:  # on-read: the damaged chunk is in one of the compact arrays (lowres / guidance)
+            from pipeline.store import open_store
+
+            arr = open_store(self.store, mode="r", storage_options=self.storage_options)["lowres"]
+        return damage_error(self.store, arr, row, self.rows_per_shard, cause)
 
     def _as_tensor(self, block: np.ndarray) -> torch.Tensor:
         """Stored values as a tensor (bfloat16 bits reinterpreted), sharing memory with ``block``."""
+        if isinstance(block, torch.Tensor):  # produced on read (already float32)
+            return block
         t = torch.from_numpy(np.ascontiguousarray(block))
         return t.view(torch.bfloat16) if self._bfloat16 else t
 
@@ -528,7 +568,11 @@ def describe(store: str, *, storage_options: dict[str, Any] | None = None) -> st
     from pipeline.store import open_store, store_summary
 
     lines = [store_summary(store, storage_options=storage_options)]
-    names = [a for a in FEATURE_ARRAYS if a in open_store(store, storage_options=storage_options)]
+    group = open_store(store, storage_options=storage_options)
+    from pipeline.read.on_read import is_on_read
+
+    on_read = is_on_read(dict(group.attrs.get("featup", {})))  # hires produced on read (compact store)
+    names = [a for a in FEATURE_ARRAYS if a in group or (a == "hires" and on_read)]
     for name in names:
         ds = FeatureDataset(store, name, storage_options=storage_options)
         c, h, w = ds.item_shape

@@ -40,6 +40,7 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "lowres": ("row", "channel", "lowres_y", "lowres_x"),
     "hires": ("row", "channel", "y", "x"),
     "implicit": ("row", "channel", "implicit_y", "implicit_x"),
+    "guidance": ("row", "input_y", "input_x", "rgb"),  # on-read stores: the uint8 input image
 }
 #: Where the Parquet copy of the string columns lives inside the store (one file per shard).
 ROWS_PATH: str = "rows/parquet"

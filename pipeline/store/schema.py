@@ -10,7 +10,8 @@ array              shape                chunk / shard         meaning
 ``orig_size``      ``(N, 2)`` int32     S rows                ``(h, w)`` of the image after EXIF rotation
 ``valid_size``     ``(N, 2)`` int32     S rows                ``(h, w)`` of the image inside the input (``pad``)
 ``lowres``         ``(N, C, h, w)``     1 row / S rows        backbone features
-``hires``          ``(N, C, H, W)``     1 row / S rows        upsampled features
+``hires``          ``(N, C, H, W)``     1 row / S rows        upsampled features (materialized mode only)
+``guidance``       ``(N, Hi, Wi, 3)`` u8  1 row / S rows      on-read mode only: the decoded, resized input image
 ``error``          ``(N,)`` str         S rows                failure reason, ``""`` for good rows
 ``status``         ``(N,)`` uint8       S rows                :class:`Status` (pending, complete, failed); LAST
 ``implicit``       ``(N, C, Hi, Wi)``   1 row / S rows        optional per-image implicit features
@@ -23,6 +24,12 @@ Every array is declared once, by :meth:`FeatureStoreSchema.arrays` (the main arr
 main fingerprint); creating, validating and writing a store all read these declarations.
 
 Rules:
+
+- **hires mode** (``hires_mode``): ``"materialized"`` (default) stores ``hires``; ``"on-read"`` (compact) stores
+  ``guidance`` instead, plus the upsampler under the sub-group ``upsampler/`` (its checkpoint files, verified by
+  hash on open; :mod:`pipeline.store.compact`), and readers compute ``hires`` from ``lowres`` + ``guidance``
+  (:mod:`pipeline.read.on_read`). ``hires_mode`` and ``input_size`` enter the attributes only for on-read stores,
+  so every materialized store keeps its fingerprint.
 
 - **Shard size**: ``S = clamp(floor(TARGET_SHARD_BYTES / bytes of one hires row), 1, MAX_ROWS_PER_SHARD)``; the
   same S for every row-aligned array, so shard ``k`` of every array covers rows ``[k*S, (k+1)*S)``.
@@ -41,7 +48,7 @@ Rules:
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +68,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ArraySpec",
     "FeatureStoreSchema",
+    "HIRES_MODES",
     "Status",
     "pair",
     "rows_per_shard_for",
@@ -94,6 +102,8 @@ CODECS: dict[str, Any] = {
     "none": lambda: None,
 }
 DEFAULT_CODEC: str = "blosc-zstd"
+#: How ``hires`` is kept: stored (``materialized``) or produced by the reader from the compact arrays (``on-read``).
+HIRES_MODES: tuple[str, ...] = ("materialized", "on-read")
 
 
 class Status(IntEnum):
@@ -167,6 +177,8 @@ class FeatureStoreSchema:
         codec: key of :data:`CODECS`.
         implicit_size: ``(Hi, Wi)`` when the store has an ``implicit`` array, else None.
         format_version: :data:`FORMAT_VERSION`.
+        hires_mode: one of :data:`HIRES_MODES`; ``"on-read"`` stores ``guidance`` instead of ``hires``.
+        input_size: ``(Hin, Win)`` of the backbone input (the ``guidance`` image); required for on-read stores.
     """
 
     n_rows: int
@@ -178,6 +190,9 @@ class FeatureStoreSchema:
     codec: str = DEFAULT_CODEC
     implicit_size: tuple[int, int] | None = None
     format_version: int = FORMAT_VERSION
+    # --- compact store mode (issue 14): on-read stores keep ``guidance`` (uint8 input image) instead of ``hires``
+    hires_mode: str = "materialized"
+    input_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_BYTES:
@@ -190,6 +205,28 @@ class FeatureStoreSchema:
         object.__setattr__(self, "output_size", pair(self.output_size, "output_size"))
         if self.implicit_size is not None:
             object.__setattr__(self, "implicit_size", pair(self.implicit_size, "implicit_size"))
+        if self.hires_mode not in HIRES_MODES:
+            raise ConfigError(f"unknown hires mode {self.hires_mode!r}; choose one of {', '.join(HIRES_MODES)}")
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", pair(self.input_size, "input_size"))
+        elif self.on_read:
+            raise StoreError("an on-read store needs input_size (the guidance image size)")
+
+    @property
+    def on_read(self) -> bool:
+        """True for a compact store (``hires`` produced on read)."""
+        return self.hires_mode == "on-read"
+
+    @property
+    def guidance_row_bytes(self) -> int:
+        """Uncompressed bytes of one row of ``guidance`` (0 for a materialized store)."""
+        return 0 if not self.on_read else 3 * self.input_size[0] * self.input_size[1]
+
+    def materialized(self) -> "FeatureStoreSchema":
+        """The materialized schema with the same settings (what ``jobs/materialize.py`` writes); ``rows_per_shard``
+        re-derived from the ``hires`` row size."""
+        probe = replace(self, hires_mode="materialized", input_size=None, rows_per_shard=1)
+        return replace(probe, rows_per_shard=rows_per_shard_for(probe.hires_row_bytes))
 
     @property
     def storage_dtype(self) -> str:
@@ -203,9 +240,11 @@ class FeatureStoreSchema:
 
     @property
     def row_bytes(self) -> int:
-        """Uncompressed bytes of one row of all feature arrays (``lowres + hires [+ implicit]``)."""
+        """Uncompressed bytes of one row of all feature arrays (``lowres + hires [+ implicit]``; on-read:
+        ``lowres + guidance [+ implicit]``)."""
         h, w = self.lowres_size
-        n = self.hires_row_bytes + self.channels * h * w * DTYPE_BYTES[self.dtype]
+        n = self.channels * h * w * DTYPE_BYTES[self.dtype]
+        n += self.guidance_row_bytes if self.on_read else self.hires_row_bytes
         if self.implicit_size is not None:
             n += self.channels * self.implicit_size[0] * self.implicit_size[1] * DTYPE_BYTES[self.dtype]
         return n
@@ -221,7 +260,9 @@ class FeatureStoreSchema:
 
     def feature_arrays(self) -> dict[str, tuple[int, int, int]]:
         """Name -> per-row shape ``(C, h, w)`` of each feature array."""
-        out = {"lowres": (self.channels, *self.lowres_size), "hires": (self.channels, *self.output_size)}
+        out = {"lowres": (self.channels, *self.lowres_size)}
+        if not self.on_read:
+            out["hires"] = (self.channels, *self.output_size)
         if self.implicit_size is not None:
             out["implicit"] = (self.channels, *self.implicit_size)
         return out
@@ -243,6 +284,11 @@ class FeatureStoreSchema:
         out = {name: self._per_row(str, "") for name in ("image_id", "uri", "error")}
         out.update({name: self._per_row("int32", 0, 2) for name in ("orig_size", "valid_size")})
         out.update({name: self._feature(shape) for name, shape in self.feature_arrays().items()})
+        if self.on_read:  # compact store: the guidance image, chunked and sharded like a feature array, lossless
+            rows = min(self.n_rows, self.rows_per_shard)
+            row = (*self.input_size, 3)
+            out["guidance"] = ArraySpec(shape=(self.n_rows, *row), chunks=(1, *row), shards=(rows, *row),
+                                        dtype="uint8", fill_value=0, codec=self.codec)
         out["status"] = self._per_row("uint8", int(Status.PENDING))
         return out
 
@@ -261,6 +307,10 @@ class FeatureStoreSchema:
         d["lowres_size"] = list(self.lowres_size)
         d["output_size"] = list(self.output_size)
         d["implicit_size"] = None if self.implicit_size is None else list(self.implicit_size)
+        if self.on_read:
+            d["input_size"] = list(self.input_size)
+        else:  # materialized stores keep the attributes (and fingerprint) they had before on-read mode existed
+            del d["hires_mode"], d["input_size"]
         return d
 
     @classmethod

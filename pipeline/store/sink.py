@@ -30,7 +30,8 @@ from pipeline.store.zarr_store import create_or_open_store, open_store, write_sh
 
 __all__ = ["ZarrFeatureDatasink"]
 
-_MAIN_ARRAYS = ("orig_size", "valid_size", "lowres", "hires", "status")
+#: Per-row arrays a featurized unit carries: materialized units ``hires``, on-read (compact) units ``guidance``.
+_MAIN_ARRAYS = ("orig_size", "valid_size", "lowres", "hires", "guidance", "status")
 
 
 class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
@@ -88,7 +89,7 @@ class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
                 meta = json.loads(str(unit["meta"]))
                 shard = int(unit["shard"])
                 if "status" in unit:
-                    data = {name: np.asarray(unit[name])[:n] for name in _MAIN_ARRAYS}
+                    data = {name: np.asarray(unit[name])[:n] for name in _MAIN_ARRAYS if name in unit}
                     data.update({k: np.asarray(meta[k], dtype=str) for k in ("image_id", "uri", "error")})
                     out["bytes"] += write_shard(group, shard, data)
                     out["complete"] += int((data["status"] == Status.COMPLETE).sum())

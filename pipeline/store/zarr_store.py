@@ -168,8 +168,8 @@ def _existing_store(
     old = read_attrs(group)
     check_resumable_format(uri, old, schema.format_version)
     if old.get("fingerprint") != fingerprint(schema, settings):
-        new = {**schema.to_dict(), **settings}
-        was = {k: v for k, v in old.items() if k in new}
+        new = {"hires_mode": schema.hires_mode, **schema.to_dict(), **settings}
+        was = {"hires_mode": old.get("hires_mode", "materialized"), **{k: v for k, v in old.items() if k in new}}
         what = "; ".join(_diff(was, new)[:4]) or "fingerprint differs"
         raise StoreMismatchError(
             f"store {uri!r} was written with other settings ({what}); rerun with the same settings to "
@@ -257,7 +257,7 @@ def write_shard(group: zarr.Group, shard: int, data: dict[str, np.ndarray]) -> i
         shard: shard index k (rows ``[k*S, min(N, (k+1)*S))``).
         data: array name -> values for exactly those rows: ``image_id``, ``uri``, ``error`` ``(n,) str``,
             ``orig_size``, ``valid_size`` ``(n, 2) int32``, ``lowres``/``hires`` (and ``implicit``) ``(n, C, ., .)``
-            in the store dtype (bfloat16 as uint16 bits; failed rows zero), ``status`` ``(n,) uint8``.
+            (on-read stores: ``guidance`` ``(n, Hin, Win, 3) uint8`` instead of ``hires``) in the store dtype (bfloat16 as uint16 bits; failed rows zero), ``status`` ``(n,) uint8``.
 
     Returns:
         Uncompressed bytes written.
@@ -272,7 +272,7 @@ def write_shard(group: zarr.Group, shard: int, data: dict[str, np.ndarray]) -> i
         if value.shape[0] != n:
             raise StoreError(f"shard {shard}: {name} has {value.shape[0]} rows, the shard has {n}")
         arr = group[name]
-        if name in schema.feature_arrays():
+        if name in schema.feature_arrays() or name == "guidance":  # row-chunked, sharded arrays
             _delete_shard_objects(arr, (shard,) + (0,) * (arr.ndim - 1))
         arr[start:stop] = value
         written += value.nbytes
@@ -344,7 +344,8 @@ def store_summary(uri: str, storage_options: dict[str, Any] | None = None) -> st
         f"store      {uri}",
         f"features   {a.get('backbone')} -> {up.get('kind', '?')} upsampler; lowres {schema.channels}x"
         f"{schema.lowres_size[0]}x{schema.lowres_size[1]}, hires {schema.channels}x{schema.output_size[0]}x"
-        f"{schema.output_size[1]} {schema.dtype}" + (f" (PCA to {pca['k']} channels)" if pca else ""),
+        f"{schema.output_size[1]} {schema.dtype}" + (f" (PCA to {pca['k']} channels)" if pca else "")
+        + (" produced on read from lowres + guidance (compact store)" if schema.on_read else ""),
         f"rows       {schema.n_rows}: {counts['complete']} complete, {counts['failed']} failed, "
         f"{counts['pending']} pending",
         f"storage    {fmt_bytes(on_disk)} on disk{ratio}; codec {schema.codec}, {schema.rows_per_shard} rows per shard",

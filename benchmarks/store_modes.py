@@ -1,0 +1,195 @@
+"""Benchmark: materialized vs on-read (compact) feature stores, side by side in one run.
+
+    python -m benchmarks.store_modes                  # 32 images, efficientnet_lite0 (random weights) @224 -> 224, fp16
+    python -m benchmarks.store_modes --images 64 --json out/store_modes.json
+    python -m benchmarks.store_modes --gpu-only       # on a GPU machine without Ray: only the on-read GPU section
+
+Sections:
+
+1. **bytes per image** at 224^2 output, fp16, 384 and 320 channels (ViT-S/16 at 224 -> 14^2 grid; EfficientNet-Lite0
+   at 224 -> 7^2 grid): uncompressed from the store layout, both modes; plus on disk, measured on the stores that
+   section 2 writes (320 channels).
+2. **featurize throughput** through the Ray plan on this machine's CPU: materialized, on-read, and backbone-only
+   (the same decode -> actor plan with the backbone alone and no store write): steady images/s (after the first unit).
+3. **loader read throughput** (CPU): ``FeatureDataset.loader`` over both stores, images/s, best of 2 passes.
+4. **GPU** (only when CUDA is present): ``hires`` produced on read at 224^2, 384 channels, batch 64, images/s, for
+   the fixed bilateral and a default (feature-agnostic) JBU upsampler; no Ray needed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable as python benchmarks/<name>.py too
+
+__all__ = ["bytes_per_image", "featurize_modes", "loader_reads", "gpu_on_read", "main"]
+
+
+def bytes_per_image() -> list[dict[str, Any]]:
+    """Uncompressed bytes of one row in each mode at 224^2 output, fp16 (from the store's own layout)."""
+    from pipeline.store import FeatureStoreSchema
+
+    out = []
+    for channels, grid in ((384, 14), (320, 7)):
+        kw = dict(n_rows=1, channels=channels, lowres_size=(grid, grid), output_size=(224, 224), dtype="float16")
+        mat = FeatureStoreSchema(**kw).row_bytes
+        comp = FeatureStoreSchema(**kw, hires_mode="on-read", input_size=(224, 224)).row_bytes
+        out.append({"channels": channels, "grid": grid, "materialized_bytes": mat, "on_read_bytes": comp,
+                    "ratio": round(mat / comp, 1)})
+    return out
+
+
+def _backbone_only(folder: str, n: int, batch_size: int) -> float:
+    """Steady images/s of the featurize plan's decode -> actor stages with the backbone alone (no upsampler, no
+    store write): the ceiling both store modes are compared against."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.featurize.compact import featurize_lowres
+    from pipeline.featurize.stages import DecodeSpec, ModelSpec, decode_units
+    from pipeline.io.sources import build_manifest
+
+    manifest = build_manifest(folder)
+    s = 4
+    units = [{"shard": k, "start": k * s, "meta": json.dumps({"image_id": list(manifest.image_ids[k * s:(k + 1) * s]),
+                                                              "uri": list(manifest.uris[k * s:(k + 1) * s])})}
+             for k in range(-(-len(manifest) // s))]
+    spec = ModelSpec(backbone="efficientnet_lite0", weights="random", upsampler=None, output_size=(224, 224),
+                     dtype="float16", batch_size=batch_size)
+
+    class BackboneOnly:
+        def __init__(self) -> None:
+            import torch
+
+            from pipeline.featurize.stages import build_models, default_torch_threads
+
+            torch.set_num_threads(default_torch_threads())
+            self.backbone, _ = build_models(spec)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            px = np.asarray(batch["pixels"])
+            low = featurize_lowres(px.reshape(-1, *px.shape[2:]), self.backbone, batch_size=batch_size,
+                                   out_dtype="float16")
+            return {"shard": batch["shard"], "n": batch["n"], "lowres_sum": low.float().sum((1, 2, 3)).numpy()
+                    .reshape(len(px), -1)}
+
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
+    ds = ds.map_batches(decode_units, fn_kwargs={"spec": DecodeSpec((224, 224), "crop", 32, s)}, batch_size=1,
+                        batch_format="numpy", num_cpus=0.25)
+    ds = ds.map_batches(BackboneOnly, batch_size=max(1, batch_size // s), batch_format="numpy",
+                        compute=ActorPoolStrategy(size=1), num_cpus=1)
+    done = []
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        done.append((time.time(), int(np.asarray(b["n"]).sum())))
+    if len(done) < 2 or done[-1][0] <= done[0][0]:
+        return float("nan")
+    return sum(k for _, k in done[1:]) / (done[-1][0] - done[0][0])
+
+
+def featurize_modes(root: Path, n: int, batch_size: int = 8) -> dict[str, Any]:
+    """Run the Ray featurize plan in both modes (and backbone-only) on ``n`` copies of the sample photos."""
+    from benchmarks.featurize_e2e import make_images
+    from pipeline.cli import init_ray
+    from pipeline.featurize import FeaturizeConfig, run_featurize
+    from pipeline.io.storage import filesystem
+
+    folder = str(make_images(root / "images", n))
+    init_ray()
+    out: dict[str, Any] = {"images": n}
+    base = dict(input=folder, weights="random", input_size=224, output_size=224, dtype="float16",
+                batch_size=batch_size, rows_per_shard=4, quiet=True)
+    for mode in ("on-read", "materialized"):
+        uri = str(root / f"{mode}.zarr")
+        r = run_featurize(FeaturizeConfig(output=uri, hires=mode, **base))
+        fs, path = filesystem(uri)
+        out[mode] = {"store": uri, "steady_images_per_s": r.get("steady_images_per_s"),
+                     "images_per_s": r["images_per_s"], "disk_bytes_per_image": int(fs.du(path)) // n}
+    out["backbone_only"] = {"steady_images_per_s": round(_backbone_only(folder, n, batch_size), 3)}
+    bb = out["backbone_only"]["steady_images_per_s"]
+    for mode in ("on-read", "materialized"):
+        out[mode]["vs_backbone_only"] = round((out[mode]["steady_images_per_s"] or 0) / bb, 3) if bb else None
+    return out
+
+
+def loader_reads(stores: dict[str, str], batch_size: int = 8, repeats: int = 2) -> dict[str, float]:
+    """Images/s of one pass of ``FeatureDataset(...).loader`` over each store (CPU), best of ``repeats``."""
+    from pipeline.read.dataset import FeatureDataset
+
+    out = {}
+    for mode, uri in stores.items():
+        best = 0.0
+        for _ in range(repeats):
+            ds = FeatureDataset(uri, "hires")
+            t = time.perf_counter()
+            rows = sum(len(b["row"]) for b in ds.loader(batch_size, shuffle=False))
+            best = max(best, rows / (time.perf_counter() - t))
+        out[mode] = round(best, 2)
+    return out
+
+
+def gpu_on_read(batch: int = 64, channels: int = 384, iters: int = 20) -> dict[str, Any] | None:
+    """``hires`` produced on read on the GPU at 224^2 from a 14^2 grid, ``channels`` channels, fp16 store dtype;
+    images/s per upsampler (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    import featup_ops
+
+    from pipeline.read.on_read import hires_from_compact
+
+    low = torch.randn(batch, channels, 14, 14).half().numpy()
+    guid = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "batch": batch, "channels": channels}
+    for name, up in (("bilateral", featup_ops.BilateralUpsampler()), ("jbu", featup_ops.JBUUpsampler())):
+        up = up.cuda().eval()
+        kw = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), dtype="float16", size=(224, 224),
+                  device="cuda", batch_size=batch)
+        for _ in range(3):
+            hires_from_compact(low, guid, up, **kw)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(iters):
+            hires_from_compact(low, guid, up, **kw)
+        torch.cuda.synchronize()
+        out[name] = round(batch * iters / (time.perf_counter() - t), 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--gpu-only", action="store_true", help="only the GPU section (no Ray needed)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    res: dict[str, Any] = {}
+    if not args.gpu_only:
+        res["bytes_per_image"] = bytes_per_image()
+        for r in res["bytes_per_image"]:
+            print(f"bytes/image {r['channels']}ch 224^2 fp16: materialized {r['materialized_bytes']:,} vs on-read "
+                  f"{r['on_read_bytes']:,} ({r['ratio']}x)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            f = featurize_modes(Path(tmp), args.images)
+            res["featurize"] = {k: ({kk: vv for kk, vv in v.items() if kk != "store"} if isinstance(v, dict) else v)
+                                for k, v in f.items()}
+            print("featurize (CPU, Ray plan):", json.dumps(res["featurize"]), flush=True)
+            res["loader_images_per_s"] = loader_reads({m: f[m]["store"] for m in ("materialized", "on-read")})
+            print("loader read (CPU):", json.dumps(res["loader_images_per_s"]), flush=True)
+    res["gpu_on_read"] = gpu_on_read()
+    print("GPU on-read:", json.dumps(res["gpu_on_read"]) if res["gpu_on_read"] else "unmeasured (no CUDA here)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()

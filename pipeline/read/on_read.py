@@ -1,0 +1,186 @@
+"""``hires`` of an on-read (compact) store, produced where it is consumed.
+
+An on-read store keeps ``lowres`` (store dtype), ``guidance`` (``uint8`` input image) and its upsampler
+(:mod:`pipeline.store.compact`). :func:`hires_from_compact` runs the materialized mode's computation on them::
+
+    hires = cast_to_store_dtype( upsampler( lowres -> float32, normalize(guidance), size ) ) -> float32
+
+so values equal a materialized store made with the same settings within the store dtype's rounding (``lowres`` is
+the rounded input; the upsamplers take per-pixel convex combinations, so its rounding error is not amplified).
+
+:class:`OnReadHires` is the reader's handle: it loads (and so verifies) the stored upsampler when it is built,
+never pickles it, and reloads it lazily in each process (DataLoader workers, Ray tasks).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ConfigError
+from pipeline.store.schema import FeatureStoreSchema, pair
+
+__all__ = ["OnReadHires", "hires_from_compact", "is_on_read"]
+
+
+def is_on_read(attrs: dict[str, Any]) -> bool:
+    """True when a store's attributes describe an on-read (compact) store."""
+    return attrs.get("hires_mode") == "on-read"
+
+
+def hires_from_compact(
+    lowres: "np.ndarray | Any",
+    guidance: "np.ndarray | Any",
+    upsampler: Any,
+    *,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    dtype: str,
+    size: tuple[int, int],
+    device: str = "cpu",
+    batch_size: int = 64,
+) -> Any:
+    """Upsample stored rows on ``device``.
+
+    Args:
+        lowres: ``(B, C, h, w)`` stored low-res features in the storage dtype (``bfloat16`` as ``uint16`` bits), a
+            numpy array or tensor.
+        guidance: ``(B, H, W, 3) uint8`` stored guidance images.
+        upsampler: the store's upsampler (``up(feats, image, size)``), on ``device``.
+        mean, std: the backbone's normalisation (the store's ``normalization`` attribute).
+        dtype: the store dtype (``float16``, ``bfloat16``, ``float32``): the result is rounded to it, as stored.
+        size: ``(Ho, Wo)`` of the output.
+        device: torch device to compute on (``"cuda"``: batched on the GPU of the calling process).
+        batch_size: rows per upsampler call.
+
+    Returns:
+        ``(B, C, Ho, Wo) float32`` tensor on ``device``.
+    """
+    import torch
+
+    from pipeline.store.schema import to_torch
+
+    low = lowres if isinstance(lowres, torch.Tensor) else to_torch(np.asarray(lowres), dtype)
+    img = guidance if isinstance(guidance, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(guidance))
+    n = int(low.shape[0])
+    out = torch.empty((n, int(low.shape[1]), *size), dtype=torch.float32, device=device)
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    store_dt = getattr(torch, dtype)
+    with torch.inference_mode():
+        for a in range(0, n, batch_size):
+            f = low[a : a + batch_size].to(device, non_blocking=True).to(torch.float32)
+            # the same operations as pipeline.io.decode.normalize, on the device
+            x = img[a : a + batch_size].to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
+            x = x.div_(255.0).sub_(m).div_(s)
+            out[a : a + len(f)] = upsampler(f, x, size).to(store_dt).to(torch.float32)
+    return out
+
+
+class OnReadHires:
+    """Produces ``hires`` rows of one on-read store (the upsampler loaded once per process).
+
+    Args:
+        store: the store's path or URI.
+        attrs: its ``featup`` attributes.
+        storage_options: fsspec options.
+        device: where the upsampler runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        size: ``(Ho, Wo)`` of the produced ``hires``; None = the store's output size.
+        batch_size: rows per upsampler call.
+
+    Raises:
+        pipeline.errors.StoreError: the stored upsampler is missing, corrupt or not the store's (one line).
+    """
+
+    def __init__(
+        self,
+        store: str,
+        attrs: dict[str, Any],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        device: str = "cpu",
+        size: int | tuple[int, int] | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        from pipeline.store.compact import load_store_upsampler
+
+        self.store, self.attrs, self.storage_options = store, dict(attrs), storage_options
+        self.schema = FeatureStoreSchema.from_dict(self.attrs)
+        self.device = str(device)
+        self.size = self.schema.output_size if size is None else pair(size, "size")
+        lh, lw = self.schema.lowres_size
+        if self.size[0] < lh or self.size[1] < lw:
+            raise ConfigError(f"size={self.size} is smaller than the store's {lh}x{lw} low-res grid; upsamplers only enlarge")
+        norm = self.attrs.get("normalization") or {}
+        self.mean = tuple(float(v) for v in norm["mean"])
+        self.std = tuple(float(v) for v in norm["std"])
+        self.batch_size = int(batch_size)
+        up = load_store_upsampler(store, self.attrs, storage_options=storage_options, device="cpu")  # verifies now
+        self.channel_agnostic = bool(getattr(up, "channel_agnostic", False))
+        self._up: Any = up
+        self._up_device = "cpu"
+        self._pid: int | None = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_up"], state["_pid"], state["_up_device"] = None, None, "cpu"
+        return state
+
+    def upsampler(self) -> Any:
+        """This process's upsampler on :attr:`device` (loaded from the store on first use after a fork/unpickle)."""
+        pid = os.getpid()
+        if self._up is None or self._pid != pid:
+            from pipeline.store.compact import load_store_upsampler
+
+            self._up = load_store_upsampler(self.store, self.attrs, storage_options=self.storage_options)
+            self._up_device, self._pid = "cpu", pid
+        if self._up_device != self.device:
+            self._up = self._up.to(self.device)
+            self._up_device = self.device
+        return self._up
+
+    def __call__(self, lowres: np.ndarray, guidance: np.ndarray) -> Any:
+        """``(B, C, h, w)`` stored lowres + ``(B, H, W, 3) uint8`` guidance -> ``(B, C, Ho, Wo) float32`` on device."""
+        return hires_from_compact(
+            lowres, guidance, self.upsampler(), mean=self.mean, std=self.std, dtype=self.schema.dtype,
+            size=self.size, device=self.device, batch_size=self.batch_size,
+        )
+
+
+# ------------------------------------------------------------------------------------ FeatureDataset hooks
+
+
+def open_on_read(dataset: Any, group: Any, array: str, size: int | tuple[int, int] | None) -> "OnReadHires | None":
+    """For :class:`pipeline.read.dataset.FeatureDataset`: an :class:`OnReadHires` when ``array`` is ``"hires"`` of an
+    on-read store, else None (``size`` is then refused: a stored array has one size)."""
+    if array == "hires" and is_on_read(dataset.attrs):
+        return OnReadHires(
+            dataset.store, dataset.attrs, storage_options=dataset.storage_options, device=dataset.device, size=size
+        )
+    if size is not None:
+        raise ConfigError(
+            f"size={size} needs hires of an on-read store (featurize with --hires on-read); the stored {array!r} "
+            "array has one size"
+        )
+    return None
+
+
+def read_on_read(dataset: Any, start: int, stop: int) -> Any:
+    """Rows ``[start, stop)`` of an on-read store's ``hires`` for a dataset (its channel selection and crop
+    applied): ``(n, C', H', W') float32`` tensor on the dataset's device."""
+    on: OnReadHires = dataset._on_read
+    pid = os.getpid()
+    if getattr(dataset, "_compact_pid", None) != pid:
+        from pipeline.store import open_store
+
+        g = open_store(dataset.store, mode="r", storage_options=dataset.storage_options)
+        dataset._compact = (g["lowres"], g["guidance"])
+        dataset._compact_pid = pid
+    low_arr, guid_arr = dataset._compact
+    ch = dataset._ch if on.channel_agnostic else slice(None)  # agnostic: upsample only the channels asked for
+    low = np.asarray(low_arr[start:stop, ch])
+    hires = on(low, np.asarray(guid_arr[start:stop]))
+    if not on.channel_agnostic:
+        hires = hires[:, dataset._ch]
+    return hires[:, :, dataset._ys, dataset._xs]
