@@ -1,17 +1,35 @@
-"""The featurize plan: settings (:mod:`.config`), its Ray Data stages (:mod:`.stages`: decode tasks, featurizer
-actors), the implicit-fitting stage (:mod:`.implicit`) and the plan that ties them to the store's sink (:mod:`.plan`)."""
+"""The featurize plan: settings (:mod:`.config`), resolution before Ray starts (:mod:`.resolve`), its Ray Data stages
+(:mod:`.stages`: decode tasks, featurizer actors), the implicit-fitting stage (:mod:`.implicit`), progress lines
+(:mod:`.progress`) and the plan that ties them to the store's sink (:mod:`.plan`).
+
+Names are imported lazily: Ray workers that only need :mod:`.stages` do not import the plan, Zarr or the driver's
+code."""
 from __future__ import annotations
 
-from pipeline.cli import init_ray
-from pipeline.featurize.config import FeaturizeConfig, add_featurize_args, config_from_args
-from pipeline.featurize.plan import main_from_config, plan_sizes, run_featurize
+from featup_ops._lazy import lazy_exports
 
-__all__ = [
-    "FeaturizeConfig",
-    "add_featurize_args",
-    "config_from_args",
-    "init_ray",
-    "main_from_config",
-    "plan_sizes",
-    "run_featurize",
-]
+_EXPORTS: dict[str, str] = {
+    "FeaturizeConfig": "config",
+    "add_featurize_args": "config",
+    "config_from_args": "config",
+    "main_from_config": "plan",
+    "plan_sizes": "plan",
+    "run_featurize": "plan",
+    "run_plan": "plan",
+    "resolve_featurize": "resolve",
+}
+
+__all__ = sorted([*_EXPORTS, "init_ray"])
+
+__getattr__, _dir = lazy_exports(__name__, {**_EXPORTS}, globals())
+
+
+def init_ray(*args, **kwargs):  # noqa: ANN002, ANN003 - the one function that starts Ray, re-exported
+    """:func:`pipeline.cli.init_ray` (kept importable from here)."""
+    from pipeline.cli import init_ray as start
+
+    return start(*args, **kwargs)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -169,35 +169,42 @@ def run_plan(job: PlanJob) -> dict[str, Any]:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    if ctx.wait_for_min_actors_s <= 0:
-        # Start the actor pools before execution: a slow actor start (model load, a GPU node scaling up) then never
-        # counts against Ray Data's no-progress window, which is left to the work itself (and the fitters'
-        # heartbeats); a pool that cannot start in this time ends the job with one line.
+    saved_wait = ctx.wait_for_min_actors_s
+    if job.fitter is not None and saved_wait <= 0:
+        # With fitters, start the actor pools before execution: a slow actor start (model load, a GPU node scaling
+        # up) then never counts against Ray Data's no-progress window, which is left to the fits and their
+        # heartbeats; a pool that cannot start in this time ends the job with one line. (Without fitters the
+        # featurizer's start overlaps the first decode tasks, as before.)
         ctx.wait_for_min_actors_s = max(ACTOR_START_S, ctx.execution_no_progress_timeout_s)
     res = job.resources
-    # One unit per block everywhere: units are whole shards already (MBs), and a fitter's heartbeat row must leave
-    # its task at once instead of waiting in an output buffer for 128 MiB of rows. Datasets keep the context they
-    # were created with, so the setting is this plan's only.
-    saved, ctx.target_max_block_size = ctx.target_max_block_size, 1
+    # With fitters, one unit per block: a fitter's heartbeat row must leave its task at once instead of waiting in
+    # an output buffer for 128 MiB of rows (units are whole shards, MBs, so nothing else changes much). Datasets
+    # keep the context they were created with, so these settings are this plan's only.
+    saved = ctx.target_max_block_size
+    if job.fitter is not None:
+        ctx.target_max_block_size = 1
     try:
         ds = ray.data.from_items(job.units, override_num_blocks=len(job.units))
     finally:
-        ctx.target_max_block_size = saved
+        ctx.target_max_block_size, ctx.wait_for_min_actors_s = saved, saved_wait
     ds = ds.map_batches(
         decode_units, fn_kwargs={"spec": job.decode}, batch_size=1, batch_format="numpy", num_cpus=res.decode_cpus
     )
     if job.model is not None:
         gpus = _cluster_gpus() if res.num_gpus is None else res.num_gpus
         if gpus > 0:
-            resources: dict[str, Any] = {"num_gpus": 1, "compute": ActorPoolStrategy(size=gpus)}
+            resources: dict[str, Any] = {"num_gpus": 1}
+            pool = ActorPoolStrategy(size=gpus)
         else:
-            resources = {"num_cpus": res.actor_cpus, "compute": ActorPoolStrategy(size=res.num_actors)}
+            resources = {"num_cpus": res.actor_cpus}
+            pool = ActorPoolStrategy(size=res.num_actors)
         ds = ds.map_batches(
             Featurizer,
             fn_constructor_kwargs={"spec": job.model, "keep": job.fitter is not None},
             # units per call: enough rows for one forward batch (a unit may hold fewer rows than batch_size)
             batch_size=max(1, res.batch_size // job.schema.rows_per_shard),
             batch_format="numpy",
+            compute=pool,
             **resources,
         )
     board = None

@@ -35,7 +35,7 @@ Rules:
   same S for every row-aligned array, so shard ``k`` of every array covers rows ``[k*S, (k+1)*S)``.
 - **One writer per shard**: the pipeline's unit of work is one shard; :func:`write_shard` writes the unit's whole
   region of every array (deleting any old shard object first, so a torn shard from a crash is replaced, never
-  merged), then ``status`` last. A row is complete only when ``status == 1``.
+  merged), then ``status`` last. A row is complete only when ``status == Status.COMPLETE``.
 - **Features dtype**: float16 / float32 are stored as such; bfloat16 is stored as its raw ``uint16`` bits (Zarr has
   no bfloat16) with ``attrs["featup"]["dtype"] == "bfloat16"`` on the group and on each feature array;
   :func:`to_torch` turns either back into a tensor.
@@ -53,7 +53,6 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import ConfigError, StoreError
 
@@ -95,10 +94,22 @@ DTYPE_BYTES: dict[str, int] = {"float16": 2, "bfloat16": 2, "float32": 4}
 #: Compressor choices by name. Measured on EfficientNet-Lite0 features upsampled to 112^2, fp16, one chunk per
 #: image (docs/featurize.md): Blosc zstd + byte shuffle compresses best (1.44x bilateral-upsampled here, 2.09x
 #: bilinear in docs/design.md, vs 1.10x / 1.46x for zarr's default zstd) and reads fast, so it is the default.
+def _blosc(cname: str) -> Any:
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname=cname, clevel=5, shuffle="shuffle")
+
+
+def _zstd() -> Any:
+    from zarr.codecs import ZstdCodec
+
+    return ZstdCodec(level=0)
+
+
 CODECS: dict[str, Any] = {
-    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),
-    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-    "zstd": lambda: ZstdCodec(level=0),
+    "blosc-zstd": lambda: _blosc("zstd"),
+    "blosc-lz4": lambda: _blosc("lz4"),
+    "zstd": _zstd,
     "none": lambda: None,
 }
 DEFAULT_CODEC: str = "blosc-zstd"
