@@ -149,7 +149,8 @@ def to_featup_state_dict(upsampler: torch.nn.Module, *, prefix: str = "upsampler
         CheckpointError: the module is not FeatUp's stack (other layer count, no fix-up or no final mix).
     """
     cfg = getattr(upsampler, "cfg", None)
-    if not isinstance(cfg, JBUConfig) or not (cfg.fixup and cfg.final_mix and len(upsampler.layers) == _N_LAYERS):
+    layers = getattr(upsampler, "layers", ())
+    if not isinstance(cfg, JBUConfig) or not (cfg.fixup and cfg.final_mix and len(layers) == _N_LAYERS):
         raise CheckpointError(
             "to_featup_state_dict: only a JBUUpsampler(dim, cfg=FEATUP_JBU_CONFIG) has FeatUp's layout "
             "(4 layers, fixup=True, final_mix=True)"
@@ -322,6 +323,11 @@ def _check_backbone(name: str, backbone: str, dim: int, hub_name: str | None) ->
 
     preset = _resolve_backbone(backbone)
     published = sorted(c.preset for c in FEATUP_CHECKPOINTS.values() if c.preset)
+    if backbone in FEATUP_CHECKPOINTS and FEATUP_CHECKPOINTS[backbone].preset is None:
+        raise CheckpointError(
+            f"FeatUp's {backbone!r} backbone has no preset here, so checkpoint {name} cannot be checked against it; "
+            "load it with backbone=None"
+        )
     if preset not in PRESETS:
         raise CheckpointError(f"unknown backbone {backbone!r} for FeatUp checkpoint {name}; use one of {published}")
     if PRESETS[preset].dim != dim:

@@ -200,6 +200,8 @@ def test_export_round_trip_keeps_outputs(tmp_path: Path) -> None:
     feats, image = torch.randn(1, 6, 5, 4), torch.randn(1, 3, 40, 30)
     with torch.no_grad():
         assert torch.equal(loaded(feats, image), up(feats, image))
+    with pytest.raises(CheckpointError, match="only a JBUUpsampler"):
+        to_featup_state_dict(featup_ops.JBUUpsampler())  # the feature-agnostic default has no FeatUp layout
     # a bare JBUStack state dict (no Lightning wrapper, no prefix) loads too
     bare = tmp_path / "bare.ckpt"
     torch.save(to_featup_state_dict(up, prefix=""), bare)
@@ -225,6 +227,8 @@ def test_published_checkpoints_belong_to_their_preset(tmp_path: Path, hub_name: 
         assert "\n" not in msg and other.preset in msg
         assert (f"has {other.dim}" in msg) if other.dim != entry.dim else (repr(hub_name) in msg)
     if hub_name == "dino16":
+        with pytest.raises(CheckpointError, match="backbone 'clip_vitb16' has 512"):
+            load_upsampler(path, backbone="clip_vitb16")  # the featurize job's entry point checks too
         with torch.no_grad():  # full-size channels run (a tiny grid)
             assert up(torch.randn(1, 384, 2, 2), torch.randn(1, 3, 32, 32)).shape == (1, 384, 32, 32)
 
@@ -242,6 +246,9 @@ def test_unnamed_file_checks_channels_and_refuses_unpublished_backbones(tmp_path
     mask = lightning_file(tmp_path / "maskclip_jbu_stack_cocostuff.ckpt", featup_stack(512), norm=False)
     with pytest.raises(CheckpointError, match="FeatUp's 'maskclip'"):
         load_featup_checkpoint(mask, "clip_vitb16")
+    with pytest.raises(CheckpointError, match="has no preset here"):
+        load_featup_checkpoint(mask, "maskclip")
+    assert load_featup_checkpoint(mask).checkpoint_meta["featup_name"] == "maskclip"
 
 
 @pytest.mark.parametrize(
