@@ -13,7 +13,7 @@ SOURCE_DIR = Path(__file__).resolve().parent
 #: kernel templates per source file
 KERNELS: dict[str, tuple[str, ...]] = {
     "adaptive_conv.cu": ("adaptive_conv_forward", "adaptive_conv_grad_input", "adaptive_conv_grad_filter"),
-    "jbu_fused.cu": ("jbu_fused_forward",),
+    "jbu_fused.cu": ("jbu_fused_forward", "jbu_fused_forward_vec"),
 }
 
 #: torch dtype name -> CUDA storage type of featup_common.cuh (16-bit types are storage structs, math is float32)
@@ -56,7 +56,7 @@ MAX_K = 15
 #: channels summed per z step of the fused kernel; each step recomputes its pixels' weights (D*K*K work per
 #: 64*K*K of channel work, so the overhead is ~D/64 for the usual key dim D = 32)
 FUSED_CHANNELS_PER_BLOCK = 64
-#: shared-memory budget per block for the fused kernel's per-thread weights (48 KB needs no opt-in)
+#: shared-memory budget per block for the fused kernels' per-thread weights (48 KB needs no opt-in)
 FUSED_SHARED_BYTES = 48 * 1024
 
 
@@ -70,7 +70,8 @@ def launch_geometry(
     """Grid, block, dynamic shared bytes and (fused only) channels per z step for one launch.
 
     Args:
-        kernel: one of the names in ``KERNELS``.
+        kernel: one of the names in ``KERNELS`` (``jbu_fused_forward_vec``: two output columns per thread, so
+            grid.x covers ``ceil(W/2)`` thread columns).
         B, C, H, W, K: batch, channels, *output* height/width, taps per side.
         max_grid_z: cap on grid.z (tests lower it to exercise the kernels' grid-stride loop).
 
@@ -94,6 +95,17 @@ def launch_geometry(
         shared = 4 * K * K * block[0] * block[1]
         cpb = max(1, min(C, FUSED_CHANNELS_PER_BLOCK))
         cols, rows, nz = W, H, B * _ceil(C, cpb)
+    elif kernel == "jbu_fused_forward_vec":
+        # two pixels per thread, so two K*K weight slots; halve the block width if one row of 32 does not fit
+        per_thread = 2 * 4 * K * K
+        bx = BLOCK[0]
+        while bx > 1 and per_thread * bx > FUSED_SHARED_BYTES:
+            bx //= 2
+        by = max(1, min(8, FUSED_SHARED_BYTES // (per_thread * bx)))
+        block = (bx, by, 1)
+        shared = per_thread * bx * by
+        cpb = max(1, min(C, FUSED_CHANNELS_PER_BLOCK))
+        cols, rows, nz = _ceil(W, 2), H, B * _ceil(C, cpb)
     else:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {[k for v in KERNELS.values() for k in v]}")
     gy = _ceil(rows, block[1])
