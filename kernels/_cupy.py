@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._sources import CUDA_TYPES, KERNELS, MAX_K, launch_geometry, load_source, name_expressions
+from ._sources import CUDA_TYPES, KERNELS, MAX_K, kernel_expression, launch_geometry, load_source, name_expressions
 from .errors import KernelInputError
 from .reference import keys_channel_last
 
@@ -50,9 +50,9 @@ def _module(source: str) -> "cupy.RawModule":
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(source: str, name: str, dtype: torch.dtype):
+def _kernel(source: str, name: str, dtype: torch.dtype, K: int):
     ctype = CUDA_TYPES[str(dtype).removeprefix("torch.")]
-    return _module(source).get_function(f"{name}<{ctype}>")
+    return _module(source).get_function(kernel_expression(name, ctype, K))
 
 
 def _launch(source: str, name: str, dtype: torch.dtype, dims: dict[str, int], args: tuple, device) -> None:
@@ -61,7 +61,7 @@ def _launch(source: str, name: str, dtype: torch.dtype, dims: dict[str, int], ar
     except ValueError as e:
         raise KernelInputError(f"CuPy kernels: {e}") from None
     with cupy.cuda.Device(device.index):
-        kern = _kernel(source, name, dtype)
+        kern = _kernel(source, name, dtype, dims["K"])
         with _cupy_stream(device):  # the launch goes to CuPy's current stream = torch's current stream
             kern(grid, block, args, shared_mem=shared_mem)
 
@@ -158,6 +158,7 @@ def jbu_fused_cupy(
     spatial: torch.Tensor,
     *,
     vectorized: bool | None = None,
+    channels_per_block: int | None = None,
 ) -> torch.Tensor:
     """Fused JBU forward on CUDA (no autograd; see :func:`kernels.jbu_fused`).
 
@@ -170,6 +171,8 @@ def jbu_fused_cupy(
             ``jbu_fused_forward`` (one pixel per thread, scalar loads). Default: vectorised for float16/bfloat16,
             scalar for float32 (whose results stay those of the original kernel). Both give the same sums in the
             same order.
+        channels_per_block: channels per z step (each step recomputes its pixels' weights); default
+            ``_sources.FUSED_CHANNELS_PER_BLOCK``. For tuning (the benchmark sweeps it).
 
     Returns:
         ``(B, C, H, W)`` in x's dtype.
@@ -187,7 +190,7 @@ def jbu_fused_cupy(
     out = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    dims = dict(B=B, C=C, H=H, W=W, K=K)
+    dims = dict(B=B, C=C, H=H, W=W, K=K, channels_per_block=channels_per_block)
     if vectorized:
         name = "jbu_fused_forward_vec"
         kc = keys_channel_last(keys, x.dtype)  # (B, Hp, Wp, D rounded up to whole 16-byte chunks)

@@ -169,7 +169,8 @@ def _cuda_case(method: str, size: int, C: int, K: int, backward: bool, dtype: to
 
 
 def _cuda_fused(size: int, C: int, K: int, dtype: torch.dtype, reps: int) -> list[tuple[str, dict]]:
-    """Fused JBU inference at one size: both CUDA kernels (scalar and vectorised) and the unfused path."""
+    """Fused JBU inference at one size: both CUDA kernels (scalar and vectorised; in fp16 also the vectorised one
+    at 128, 192 and C channels per z step instead of 64) and the unfused path."""
     from . import jbu_fused
     from .dispatch import backend_for
     from .reference import jbu_weights_reference
@@ -188,6 +189,13 @@ def _cuda_fused(size: int, C: int, K: int, dtype: torch.dtype, reps: int) -> lis
             for name, vec in (("fused vectorised (cupy)", True), ("fused scalar (cupy)", False)):
                 t, m = _cuda_time(lambda v=vec: jbu_fused_cupy(x, keys, temp, spatial, vectorized=v), reps)
                 rows.append((name, {"seconds": t, "peak_bytes": m}))
+            if dtype == torch.float16:  # tuning data: fewer channels-per-step recomputations vs fewer blocks
+                for cpb in (128, 192, C):
+                    t, m = _cuda_time(
+                        lambda c=cpb: jbu_fused_cupy(x, keys, temp, spatial, vectorized=True, channels_per_block=c),
+                        reps,
+                    )
+                    rows.append((f"fused vectorised, {cpb} ch/step", {"seconds": t, "peak_bytes": m}))
             default = "vectorised" if dtype != torch.float32 else "scalar"
             t, m = _cuda_time(lambda: jbu_fused(x, keys, temp, spatial), reps)
             rows.append((f"kernels.jbu_fused ({default})", {"seconds": t, "peak_bytes": m}))

@@ -229,12 +229,16 @@ __device__ __forceinline__ void pair_window_sum_store(const T* __restrict__ xp, 
     }
 }
 
-template <typename T>
+// KC: the tap count per side fixed at compile time (the host instantiates KC = 7, FeatUp's window; see
+// FUSED_VEC_FIXED_K in _sources.py), so every tap loop above sees a constant trip count and constant offsets once
+// inlined; KC = 0 takes K from the argument (any odd K <= 15).
+template <typename T, int KC>
 __global__ void jbu_fused_forward_vec(const T* __restrict__ x, const T* __restrict__ keys,
                                       const float* __restrict__ temperature, const float* __restrict__ spatial,
-                                      T* __restrict__ out, int B, int C, int D, int H, int W, int K,
+                                      T* __restrict__ out, int B, int C, int D, int H, int W, int K_arg,
                                       int ch_per_block) {
     extern __shared__ float featup_smem[];
+    const int K = KC > 0 ? KC : K_arg;
     const int ox = 2 * (blockIdx.x * blockDim.x + threadIdx.x);
     const int oy = blockIdx.y * blockDim.y + threadIdx.y;
     if (ox >= W || oy >= H) return;

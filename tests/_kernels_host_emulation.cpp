@@ -42,6 +42,12 @@ static void run(const int* g, const int* b, F kernel) {
                         }
 }
 
+template <typename T, int KC>
+static void fused_vec(void** p, const int* n) {
+    jbu_fused_forward_vec<T, KC>((const T*)p[0], (const T*)p[1], (const float*)p[2], (const float*)p[3], (T*)p[4],
+                                 n[0], n[1], n[2], n[3], n[4], n[5], n[6]);
+}
+
 template <typename T>
 static int launch_t(const char* kernel, const int* g, const int* b, void** p, const int* n) {
     if (!std::strcmp(kernel, "adaptive_conv_forward"))
@@ -55,11 +61,15 @@ static int launch_t(const char* kernel, const int* g, const int* b, void** p, co
             jbu_fused_forward<T>((const T*)p[0], (const T*)p[1], (const float*)p[2], (const float*)p[3], (T*)p[4],
                                  n[0], n[1], n[2], n[3], n[4], n[5], n[6]);
         });
-    else if (!std::strcmp(kernel, "jbu_fused_forward_vec"))
-        run(g, b, [&] {
-            jbu_fused_forward_vec<T>((const T*)p[0], (const T*)p[1], (const float*)p[2], (const float*)p[3], (T*)p[4],
-                                     n[0], n[1], n[2], n[3], n[4], n[5], n[6]);
-        });
+    else if (!std::strcmp(kernel, "jbu_fused_forward_vec"))  // n[7]: the compile-time K (0 = run-time K); 3 and 5
+                                                              // are not in FUSED_VEC_FIXED_K but cost nothing here
+        switch (n[7]) {
+            case 0: run(g, b, [&] { fused_vec<T, 0>(p, n); }); break;
+            case 3: run(g, b, [&] { fused_vec<T, 3>(p, n); }); break;
+            case 5: run(g, b, [&] { fused_vec<T, 5>(p, n); }); break;
+            case 7: run(g, b, [&] { fused_vec<T, 7>(p, n); }); break;
+            default: return 3;
+        }
     else
         return 1;
     return 0;

@@ -25,7 +25,16 @@ import torch
 
 from kernels import adaptive_conv_reference, jbu_fused_reference
 from kernels.reference import keys_channel_last
-from kernels._sources import CUDA_TYPES, KERNELS, SOURCE_DIR, launch_geometry, load_source, name_expressions
+from kernels._sources import (
+    CUDA_TYPES,
+    FUSED_VEC_FIXED_K,
+    KERNELS,
+    SOURCE_DIR,
+    launch_geometry,
+    load_source,
+    name_expressions,
+    template_k,
+)
 
 HERE = Path(__file__).resolve().parent
 EMULATION_CPP = HERE / "_kernels_host_emulation.cpp"
@@ -79,7 +88,8 @@ def nvrtc_compile(code: str, exprs: list[str], arch: str) -> tuple[bool, str]:
 @pytest.mark.parametrize("source", sorted(KERNELS))
 def test_nvrtc_compiles_every_instantiation(source: str, arch: str) -> None:
     exprs = name_expressions(source)
-    assert len(exprs) == len(KERNELS[source]) * len(CUDA_TYPES)
+    per_type = sum(1 + len(FUSED_VEC_FIXED_K) * (k == "jbu_fused_forward_vec") for k in KERNELS[source])
+    assert len(exprs) == per_type * len(CUDA_TYPES) == len(set(exprs))
     ok, log = nvrtc_compile(load_source(source), exprs, arch)
     assert ok, f"{source} failed to compile for {arch}:\n{log}"
 
@@ -250,9 +260,15 @@ def test_emulated_jbu_fused_vec_equals_scalar_kernel(emulator, dtype, B, C, D, H
         if keys_layout == "offset":
             kcl = _misaligned(kcl)
     xin = _misaligned(x) if x_offset else x
-    vec_ints = [B, C, kcl.shape[-1], H, W, K, launch_geometry("jbu_fused_forward_vec", **dims)[3]]
-    vec = torch.full((B, C, H, W), float("nan"), dtype=dtype)
-    _emulate(emulator, "jbu_fused_forward_vec", dtype, dims, [xin, kcl, temperature, spatial, vec], vec_ints)
+    # the run-time-K instantiation, the compile-time-K one where it exists, and an odd channels-per-step count
+    variants = [(0, None)] + [(K, None)] * (K in FUSED_VEC_FIXED_K) + [(template_k("jbu_fused_forward_vec", K), 6)]
+    results = []
+    for kc, cpb in variants:
+        vdims = dict(dims, channels_per_block=cpb)
+        vec_ints = [B, C, kcl.shape[-1], H, W, K, launch_geometry("jbu_fused_forward_vec", **vdims)[3], kc]
+        vec = torch.full((B, C, H, W), float("nan"), dtype=dtype)
+        _emulate(emulator, "jbu_fused_forward_vec", dtype, vdims, [xin, kcl, temperature, spatial, vec], vec_ints)
+        results.append(((kc, cpb), vec))
     counts = _counters(emulator)
 
     per_chunk = 16 // x.element_size()
@@ -261,9 +277,13 @@ def test_emulated_jbu_fused_vec_equals_scalar_kernel(emulator, dtype, B, C, D, H
     assert counts["misaligned"] == 0, counts
     assert (counts["keys_vec"] > 0, counts["keys_scalar"] > 0) == (keys_vec, not keys_vec), counts
     assert (counts["x_pairs"] > 0, counts["x_scalar"] > 0) == (x_pairs, not x_pairs), counts
-    assert not vec.isnan().any(), "an output element was never written"
-    assert torch.equal(vec, scalar), f"max |vec - scalar| = {(vec.float() - scalar.float()).abs().max().item()}"
+    for (kc, cpb), vec in results:
+        what = f"K={K} compiled as {kc}, {cpb or 'default'} channels per step"
+        assert not vec.isnan().any(), f"{what}: an output element was never written"
+        diff = (vec.float() - scalar.float()).abs().max().item()
+        assert torch.equal(vec, scalar), f"{what}: max |vec - scalar| = {diff}"
     ref = jbu_fused_reference(x.float(), keys.float(), temperature.reshape(()), spatial)
+    vec = results[0][1]
     torch.testing.assert_close(vec.float(), ref, atol=TOL[dtype] * (ref.abs().max().item() + 1.0), rtol=0)
 
 
@@ -282,7 +302,7 @@ def test_emulated_alignment_counter_catches_an_unchecked_vector_path(tmp_path: P
     kcl = keys_channel_last(torch.randn(1, 8, 4, 8).to(torch.float16), torch.float16)
     out = torch.empty(1, 2, 2, 6, dtype=torch.float16)
     _emulate(dll, "jbu_fused_forward_vec", torch.float16, dict(B=1, C=2, H=2, W=6, K=3),
-             [x, kcl, torch.ones(1), torch.ones(3, 3), out], [1, 2, 8, 2, 6, 3, 2])
+             [x, kcl, torch.ones(1), torch.ones(3, 3), out], [1, 2, 8, 2, 6, 3, 2, 3])
     counts = _counters(dll)
     assert counts["x_pairs"] > 0 and counts["misaligned"] > 0, counts
 
@@ -305,13 +325,13 @@ def test_cupy_fused_launch_arguments_run_the_emulated_kernels(emulator, monkeypa
 
         def fake_launch(source, name, launch_dtype, dims, args, device):
             assert source == "jbu_fused.cu" and launch_dtype == dtype
-            grid, block, _, _ = launch_geometry(name, **dims, max_grid_z=3)
+            grid, block, _, _ = launch_geometry(name, **dims, max_grid_z=3)  # dims may set channels_per_block
             launched.append(name)
             rc = emulator.featup_launch(
                 name.encode(), CUDA_TYPES[str(dtype).removeprefix("torch.")].encode(),
                 (ctypes.c_int * 3)(*grid), (ctypes.c_int * 3)(*block),
                 (ctypes.c_void_p * 5)(*[int(a) for a in args[:5]]),
-                (ctypes.c_int * 7)(*[int(a) for a in args[5:]]),
+                (ctypes.c_int * 8)(*[int(a) for a in args[5:]], template_k(name, dims["K"]) or 0),
             )
             assert rc == 0
 
@@ -323,9 +343,11 @@ def test_cupy_fused_launch_arguments_run_the_emulated_kernels(emulator, monkeypa
         keys = torch.randn(B, D, H + K - 1, W + K - 1, generator=g)  # float32: the backend casts to x's dtype
         t, s = torch.tensor(0.9), torch.rand(K, K, generator=g) + 0.05
         outs = {v: mod.jbu_fused_cupy(x, keys, t, s, vectorized=v) for v in (None, True, False)}
+        outs["cpb"] = mod.jbu_fused_cupy(x, keys, t, s, vectorized=True, channels_per_block=10)
         default = "jbu_fused_forward" if dtype == torch.float32 else "jbu_fused_forward_vec"
-        assert launched == [default, "jbu_fused_forward_vec", "jbu_fused_forward"]
-        assert torch.equal(outs[True], outs[False]) and torch.equal(outs[None], outs[False])
+        assert launched == [default, "jbu_fused_forward_vec", "jbu_fused_forward", "jbu_fused_forward_vec"]
+        for v in (None, True, "cpb"):
+            assert torch.equal(outs[v], outs[False]), v
         ref = jbu_fused_reference(x.float(), keys.to(dtype).float(), t, s)
         torch.testing.assert_close(outs[None].float(), ref, atol=TOL[dtype] * (ref.abs().max().item() + 1), rtol=0)
     finally:
