@@ -354,3 +354,16 @@ def test_cupy_fused_launch_arguments_run_the_emulated_kernels(emulator, monkeypa
         sys.modules.pop("kernels._cupy", None)
         if hasattr(kernels, "_cupy"):
             delattr(kernels, "_cupy")
+
+
+@pytest.mark.parametrize("K", range(1, 16, 2))
+def test_fused_launch_geometry_fits_48kb_and_covers_the_image(K: int) -> None:
+    # dynamic shared memory above 48 KB needs an opt-in the backend does not make: every K must fit
+    for kernel, px_per_thread in (("jbu_fused_forward", 1), ("jbu_fused_forward_vec", 2)):
+        for W, H in ((1, 1), (448, 448), (35, 9)):
+            grid, block, shared, cpb = launch_geometry(kernel, B=1, C=384, H=H, W=W, K=K)
+            assert 0 < shared <= 48 * 1024, (kernel, K, shared)
+            assert shared == 4 * K * K * px_per_thread * block[0] * block[1]
+            assert grid[0] * block[0] * px_per_thread >= W and grid[1] * block[1] >= H
+            assert block[0] * block[1] <= 1024 and cpb == 64
+    assert launch_geometry("jbu_fused_forward_vec", B=1, C=384, H=8, W=8, K=K, channels_per_block=1000)[3] == 384
