@@ -263,6 +263,12 @@ class ImplicitConfig(_ConfigMixin):
             ``early_stop_window`` steps: relative improvement below ``early_stop_tol`` for
             ``early_stop_patience`` windows in a row).
         group_size: images fitted at once as one grouped network (batched MLPs); None = all given.
+        train_scale: the networks are rendered at this fraction of the input size while fitting (the training
+            target's resolution; the attention downsampler's default kernel, 2 * stride - 3, follows the scaled
+            stride); the result is still rendered at the requested output size. 1.0 = the method.
+        cuda_graph: on CUDA, capture the training step (forward, backward, optimizer) as one CUDA graph after a
+            few eager steps, so a step costs one launch instead of hundreds: "auto" = capture, and fit eagerly if
+            capture fails; "on" = capture or raise; "off" = eager. Ignored (eager) on the CPU.
         jitter / loss / downsampler: nested configs.
     """
 
@@ -286,6 +292,8 @@ class ImplicitConfig(_ConfigMixin):
     early_stop_tol: float = 0.01
     early_stop_patience: int = 2
     group_size: int | None = None
+    train_scale: float = 1.0
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
     jitter: JitterConfig = field(default_factory=_implicit_jitter)
     loss: LossConfig = field(default_factory=_implicit_loss)
     downsampler: DownsamplerConfig = field(default_factory=DownsamplerConfig)
