@@ -320,6 +320,16 @@ IMPLICIT_PRESETS: dict[str, ImplicitConfig] = {
         amp="auto",
         early_stop=True,
     ),
+    "lite": ImplicitConfig(
+        n_views=300,
+        view_batch=150,
+        steps=240,
+        views_per_step=8,
+        proj_dim=64,
+        amp="auto",
+        early_stop=True,
+        train_scale=0.25,
+    ),
 }
 
 #: The preset :func:`featup_ops.fit_implicit` uses when no config is given.

@@ -17,9 +17,22 @@ returns full-channel features at the requested size. What makes it fast (issue 7
 - **View bank once per image**, in large backbone batches across all images of the call, compressed to
   ``proj_dim`` PCA channels right away.
 - **bfloat16 autocast on CUDA** (``amp="auto"``) for the backbone and the MLP; losses stay float32.
-- **Early stopping** per image on its reconstruction error (a stopped image keeps its parameters at that step).
-- Presets: ``"paper"`` (FeatUp's 3,000 views, 1,200 steps) and ``"fast"`` (the default); see
-  :data:`featup_ops.config.IMPLICIT_PRESETS`.
+- **Early stopping** per image on its reconstruction error (a stopped image keeps its parameters at that step;
+  the group goes on with fixed shapes, and the stopped image's parameters are restored at the end).
+- **Lower training resolution** (``ImplicitConfig.train_scale``, issue 15): the networks are rendered at a
+  fraction of the input size while fitting (the downsampler's kernel follows the scaled stride) and at the
+  requested size for the result; the MLP, jitter and downsampler costs fall with the square of the scale.
+- **Dense attention downsample**: the attention downsampler's softmax weights are applied as one ``bmm`` with a
+  (cells x pixels) matrix instead of unfolding all channels into k x k patches (:func:`_attention_downsample`).
+- **One CUDA graph per step** on CUDA (``ImplicitConfig.cuda_graph``): every random draw of a step is made
+  outside the step into static buffers, so forward, backward and the NAdam update are captured once, after
+  :data:`GRAPH_WARMUP_STEPS` eager steps, and replayed; the per-step losses stay on the device and are read once
+  per early-stopping window. On the CPU the same step runs eagerly.
+- **Progress**: ``fit_implicit(..., progress=fn)`` calls ``fn(step_done, total_steps, active_images)`` after
+  every step.
+- Presets: ``"paper"`` (FeatUp's 3,000 views, 1,200 steps), ``"fast"`` and ``"lite"`` (``"fast"`` rendered at
+  1/4 of the input size while fitting); see :data:`featup_ops.config.IMPLICIT_PRESETS` and
+  :data:`featup_ops.config.DEFAULT_IMPLICIT_PRESET`.
 """
 from __future__ import annotations
 
