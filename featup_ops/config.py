@@ -6,8 +6,9 @@ use is a named field here, with the value the public FeatUp code uses (see
 never repeats a constant. Override with ``dataclasses.replace(cfg, field=value)``; configs round-trip through
 ``to_dict()`` / ``from_dict()`` so checkpoints and jobs can record them as JSON.
 
-Implicit fitting has two named presets in :data:`IMPLICIT_PRESETS`: ``"paper"`` (the method's values, 1,200 steps
-over 3,000 views) and ``"fast"`` (the default of :func:`featup_ops.fit_implicit`, see :data:`DEFAULT_IMPLICIT_PRESET`).
+Implicit fitting has three named presets in :data:`IMPLICIT_PRESETS`: ``"paper"`` (the method's values, 1,200
+steps over 3,000 views), ``"fast"`` and ``"lite"`` (``"fast"`` rendered at 1/4 size while fitting; the default of
+:func:`featup_ops.fit_implicit`, see :data:`DEFAULT_IMPLICIT_PRESET`).
 """
 from __future__ import annotations
 
@@ -309,6 +310,10 @@ class ImplicitConfig(_ConfigMixin):
 #: benchmarks/implicit_quality.py (CPU, 128 px, 2 photos): 13.5x fewer CPU seconds per image than "paper", with a
 #: held-out multi-view error 0.866 of the fixed JBU's and 0.922 of bilinear's. 240 steps, not 300: on those photos
 #: early stopping never fired by 300, and 240 steps gave equal or lower error (docs/implicit.md).
+#: "lite" (issue 15): "fast" rendered at 1/4 of the input size while fitting (``train_scale=0.25``). Measured side
+#: by side with "fast" (benchmarks/implicit_quality.py --presets lite fast, CPU, 1 thread, 128 px, plant and
+#: skate): 11.9x fewer CPU seconds per image (17.2 vs 204.3) and a lower held-out error on both photos (mean 0.441
+#: vs 0.480; 0.796 of the fixed JBU's, 0.846 of bilinear's); docs/implicit.md.
 IMPLICIT_PRESETS: dict[str, ImplicitConfig] = {
     "paper": ImplicitConfig(),
     "fast": ImplicitConfig(
@@ -333,11 +338,11 @@ IMPLICIT_PRESETS: dict[str, ImplicitConfig] = {
 }
 
 #: The preset :func:`featup_ops.fit_implicit` uses when no config is given.
-DEFAULT_IMPLICIT_PRESET = "fast"
+DEFAULT_IMPLICIT_PRESET = "lite"
 
 
 def implicit_preset(name: str) -> ImplicitConfig:
-    """Look up an implicit preset by name ("paper" or "fast"); an unknown name raises ``ValueError``."""
+    """Look up an implicit preset by name ("paper", "fast", "lite"); an unknown name raises ``ValueError``."""
     try:
         return IMPLICIT_PRESETS[name]
     except KeyError:
