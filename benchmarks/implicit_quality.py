@@ -4,10 +4,11 @@ On held-out sample photos with the real pretrained EfficientNet-Lite0 backbone, 
 are scored the same way (``featup_ops.multiview.reconstruction_error``): the same fixed jittered views (drawn with
 a seed the fits never use; the first is the identity), the same fixed box downsampler, relative squared error.
 Methods: bilinear, the JBU upsampler (the fixed joint bilateral ``BilateralUpsampler`` by default, or a trained
-checkpoint with ``--upsampler``), and implicit features fitted with the "fast" preset. Errors are reported as
-ratios to the JBU's and bilinear's.
+checkpoint with ``--upsampler``), and implicit features fitted with each preset of ``--presets`` (default "fast"
+and "lite"), all in the same run on the same photos. Errors are reported as ratios to the JBU's and bilinear's,
+and each preset's CPU seconds per image as a ratio to the "fast" preset's (``cost_vs_fast``).
 
-Cost: seconds per image of the "fast" preset (full fits), and of the "paper" preset (FeatUp's 3,000-view bank and
+Cost: seconds per image of each preset (full fits), and of the "paper" preset (FeatUp's 3,000-view bank and
 1,200 steps). The paper preset takes minutes per image on a CPU, so by default it is *extrapolated*: two truncated
 fits of the first image (the same ``--paper-views`` bank, ``--paper-steps`` A and B steps) give the cost per step
 (difference / step difference) and per bank view (the rest, overheads included, divided by the views), and
@@ -16,6 +17,7 @@ Wall seconds and process CPU seconds are both reported: on a shared machine the 
 measure of the work.
 
     python benchmarks/implicit_quality.py                      # CPU, a few minutes
+    python benchmarks/implicit_quality.py --presets lite fast --skip-paper --threads 2
     python benchmarks/implicit_quality.py --size 224 --images bird_left plant skate --json out.json
 """
 from __future__ import annotations
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper-views", type=int, default=32, help="view bank of the truncated paper fits")
     p.add_argument("--paper-full", action="store_true", help="run and score the full paper preset (slow on CPU)")
     p.add_argument("--skip-paper", action="store_true", help="no paper-preset timing (quality and fast cost only)")
+    p.add_argument("--presets", nargs="+", default=["lite", "fast"],
+                   help="implicit presets fitted and scored side by side, in this order per photo")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -79,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from featup_ops.multiview import fixed_views, reconstruction_error
     from pipeline.io.decode import decode_image, normalize
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     if args.size is None:
         args.size = 224 if dev.type == "cuda" else CPU_SIZE
@@ -94,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     views = fixed_views(args.views, size, IMPLICIT_PRESETS["fast"].jitter, seed=VIEW_SEED)
 
     rows = []
-    fast_wall = fast_cpu = 0.0
     for name in args.images:
         path = REPO / "pipeline" / "samples" / f"{Path(name).stem}.jpg"
         pixels = decode_image(path.read_bytes(), size=size, policy="crop").pixels
@@ -102,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             low = backbone(x)
             hr = {"bilinear": bilinear(low, x), "jbu": jbu(low, x)}
-        info: dict = {}
-        with _Clock() as clock:
-            hr["implicit_fast"] = featup_ops.fit_implicit(x, backbone, cfg="fast", seed=FIT_SEED, info=info)
-        fast_wall += clock.wall
-        fast_cpu += clock.cpu
-        row = {"image": path.stem, "fast_wall_s": round(clock.wall, 2), "fast_cpu_s": round(clock.cpu, 2),
-               "fast_steps": info.get("steps", [None])[0]}
+        row: dict = {"image": path.stem}
+        for preset in args.presets:
+            info: dict = {}
+            with _Clock() as clock:
+                hr[f"implicit_{preset}"] = featup_ops.fit_implicit(x, backbone, cfg=preset, seed=FIT_SEED, info=info)
+            row.update({f"{preset}_wall_s": round(clock.wall, 2), f"{preset}_cpu_s": round(clock.cpu, 2),
+                        f"{preset}_steps": info["steps"][0]})
+            print(json.dumps({"image": path.stem, "preset": preset, "wall_s": round(clock.wall, 2),
+                              "cpu_s": round(clock.cpu, 2), "steps": info["steps"][0]}), flush=True)
         if args.paper_full:
             with _Clock() as pc:
                 hr["implicit_paper"] = featup_ops.fit_implicit(x, backbone, cfg="paper", seed=FIT_SEED)
@@ -122,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
 
     n = len(rows)
     mean = {k: sum(r[k] for r in rows) / n for k in rows[0] if k.startswith("err_")}
+    ratios: dict = {"jbu / bilinear": mean["err_jbu"] / mean["err_bilinear"]}
+    cost: dict = {}
+    for preset in args.presets:
+        m = mean[f"err_implicit_{preset}"]
+        ratios[f"implicit_{preset} / jbu"] = m / mean["err_jbu"]
+        ratios[f"implicit_{preset} / bilinear"] = m / mean["err_bilinear"]
+        cost[preset] = {kind: sum(r[f"{preset}_{kind}_s"] for r in rows) / n for kind in ("wall", "cpu")}
     out: dict = {
         "backbone": "efficientnet_lite0 (packaged ImageNet weights)",
         "jbu": jbu_name,
@@ -129,15 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         "views": args.views,
         "device": str(dev),
         "torch_threads": torch.get_num_threads(),
+        "presets": list(args.presets),
         "per_image": rows,
         "mean_error": mean,
-        "ratios": {
-            "implicit_fast / jbu": mean["err_implicit_fast"] / mean["err_jbu"],
-            "implicit_fast / bilinear": mean["err_implicit_fast"] / mean["err_bilinear"],
-            "jbu / bilinear": mean["err_jbu"] / mean["err_bilinear"],
-        },
-        "fast_s_per_img": {"wall": fast_wall / n, "cpu": fast_cpu / n},
+        "ratios": ratios,
+        "s_per_img": cost,
     }
+    if "fast" in cost:
+        out["fast_s_per_img"] = cost["fast"]
+        out["cost_vs_fast"] = {
+            p: {kind: cost["fast"][kind] / max(c[kind], 1e-9) for kind in ("wall", "cpu")} for p, c in cost.items()
+        }
     if args.paper_full:
         out["ratios"]["implicit_paper / jbu"] = mean["err_implicit_paper"] / mean["err_jbu"]
         out["paper_s_per_img"] = {
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     elif not args.skip_paper:
         out["paper_s_per_img"] = _extrapolate_paper(args, backbone, dev, size)
-    if "paper_s_per_img" in out:
+    if "paper_s_per_img" in out and "fast_s_per_img" in out:
         for kind in ("wall", "cpu"):
             out.setdefault("speedup_fast_vs_paper", {})[kind] = (
                 out["paper_s_per_img"][kind] / out["fast_s_per_img"][kind]
@@ -189,15 +206,18 @@ def _extrapolate_paper(args: argparse.Namespace, backbone, dev, size) -> dict:
 
 def _summary(out: dict) -> None:
     r = out["ratios"]
-    f = out["fast_s_per_img"]
     print(
         f"\n{out['device']} ({out['torch_threads']} threads), {out['size']} px, efficientnet_lite0, "
-        f"{len(out['per_image'])} images, {out['views']} views\n"
-        f"error ratio implicit(fast)/JBU {r['implicit_fast / jbu']:.3f}, implicit(fast)/bilinear "
-        f"{r['implicit_fast / bilinear']:.3f}, JBU/bilinear {r['jbu / bilinear']:.3f}\n"
-        f"s/img fast {f['wall']:.1f} wall ({f['cpu']:.1f} CPU)"
+        f"{len(out['per_image'])} images, {out['views']} views; JBU/bilinear {r['jbu / bilinear']:.3f}"
     )
-    if "paper_s_per_img" in out:
+    for p, c in out["s_per_img"].items():
+        line = (f"  {p:>6}: error implicit/JBU {r[f'implicit_{p} / jbu']:.3f}, implicit/bilinear "
+                f"{r[f'implicit_{p} / bilinear']:.3f}; s/img {c['wall']:.1f} wall ({c['cpu']:.1f} CPU)")
+        if "cost_vs_fast" in out:
+            v = out["cost_vs_fast"][p]
+            line += f"; fast/this {v['cpu']:.2f}x CPU-s, {v['wall']:.2f}x wall"
+        print(line)
+    if "paper_s_per_img" in out and "fast_s_per_img" in out:
         pp = out["paper_s_per_img"]
         print(
             f"s/img paper {pp['wall']:.1f} wall ({pp['cpu']:.1f} CPU; {pp['how']}); paper/fast "

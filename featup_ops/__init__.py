@@ -37,6 +37,10 @@ _EXPORTS: dict[str, str] = {
     "load_upsampler": "checkpoint",
     "checkpoint_hash": "checkpoint",
     "register_upsampler": "checkpoint",
+    "load_featup_checkpoint": "featup_checkpoints",
+    "FEATUP_CHECKPOINTS": "featup_checkpoints",
+    "FeatUpCheckpoint": "featup_checkpoints",
+    "to_featup_state_dict": "featup_checkpoints",
     # configuration and errors
     "JBUConfig": "config",
     "JitterConfig": "config",

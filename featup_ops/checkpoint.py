@@ -16,6 +16,9 @@ else ``cls(**config_without_kind)``.
 
 Loading is strict: missing keys, unexpected keys and shape mismatches are all named in one
 :class:`~featup_ops.errors.CheckpointError`; changed or truncated bytes are caught by the recorded sha256.
+
+A path naming a ``.ckpt`` file is FeatUp's own (PyTorch Lightning) checkpoint instead: :func:`load_upsampler` and
+:func:`checkpoint_hash` hand it to :mod:`featup_ops.featup_checkpoints`.
 """
 from __future__ import annotations
 
@@ -269,13 +272,17 @@ def load_upsampler(
     *,
     storage_options: Mapping[str, Any] | None = None,
     map_location: str | torch.device = "cpu",
+    backbone: str | None = None,
 ) -> nn.Module:
     """Rebuild an upsampler from a checkpoint directory, in eval mode.
 
     Args:
-        path: directory written by :func:`save_upsampler` (local path or fsspec URI).
+        path: directory written by :func:`save_upsampler` (local path or fsspec URI), or a FeatUp ``.ckpt`` file
+            (loaded by :func:`featup_ops.featup_checkpoints.load_featup_checkpoint`).
         storage_options: fsspec options for a URI.
         map_location: device for the loaded tensors.
+        backbone: for a FeatUp ``.ckpt``, the backbone preset it will serve (a mismatch is refused); ignored for
+            a checkpoint directory.
 
     Returns:
         The module with its weights, ``.eval()``; ``.checkpoint_meta`` holds the saved meta and
@@ -287,7 +294,13 @@ def load_upsampler(
     """
     from safetensors.torch import load as load_safetensors
 
+    from .featup_checkpoints import is_featup_checkpoint_path, load_featup_checkpoint
+
     path = os.fspath(path)
+    if is_featup_checkpoint_path(path):
+        return load_featup_checkpoint(
+            path, backbone, storage_options=storage_options, map_location=map_location
+        )
     doc = read_checkpoint_config(path, storage_options=storage_options)
     weights = _read(path, WEIGHTS_NAME, storage_options)
     recorded = doc.get("weights_sha256")
@@ -315,12 +328,16 @@ def checkpoint_hash(path: str | os.PathLike, *, storage_options: Mapping[str, An
     """sha256 (hex) over the canonical config JSON and the weights bytes; ``meta`` does not enter it.
 
     Two checkpoints with the same hash build the same upsampler with the same weights, so a feature store records it
-    to say which upsampler produced its features.
+    to say which upsampler produced its features. For a FeatUp ``.ckpt`` file: the sha256 of its bytes.
 
     Raises:
         CheckpointNotFoundError: the directory or one of its files does not exist.
         CheckpointError: the config is not a checkpoint config.
     """
+    from .featup_checkpoints import featup_checkpoint_hash, is_featup_checkpoint_path
+
     path = os.fspath(path)
+    if is_featup_checkpoint_path(path):
+        return featup_checkpoint_hash(path, storage_options=storage_options)
     doc = read_checkpoint_config(path, storage_options=storage_options)
     return _hash(doc["config"], _read(path, WEIGHTS_NAME, storage_options))

@@ -6,8 +6,9 @@ use is a named field here, with the value the public FeatUp code uses (see
 never repeats a constant. Override with ``dataclasses.replace(cfg, field=value)``; configs round-trip through
 ``to_dict()`` / ``from_dict()`` so checkpoints and jobs can record them as JSON.
 
-Implicit fitting has two named presets in :data:`IMPLICIT_PRESETS`: ``"paper"`` (the method's values, 1,200 steps
-over 3,000 views) and ``"fast"`` (the default of :func:`featup_ops.fit_implicit`, see :data:`DEFAULT_IMPLICIT_PRESET`).
+Implicit fitting has three named presets in :data:`IMPLICIT_PRESETS`: ``"paper"`` (the method's values, 1,200
+steps over 3,000 views), ``"fast"`` and ``"lite"`` (``"fast"`` rendered at 1/4 size while fitting; the default of
+:func:`featup_ops.fit_implicit`, see :data:`DEFAULT_IMPLICIT_PRESET`).
 """
 from __future__ import annotations
 
@@ -263,6 +264,12 @@ class ImplicitConfig(_ConfigMixin):
             ``early_stop_window`` steps: relative improvement below ``early_stop_tol`` for
             ``early_stop_patience`` windows in a row).
         group_size: images fitted at once as one grouped network (batched MLPs); None = all given.
+        train_scale: the networks are rendered at this fraction of the input size while fitting (the training
+            target's resolution; the attention downsampler's default kernel, 2 * stride - 3, follows the scaled
+            stride); the result is still rendered at the requested output size. 1.0 = the method.
+        cuda_graph: on CUDA, capture the training step (forward, backward, optimizer) as one CUDA graph after a
+            few eager steps, so a step costs one launch instead of hundreds: "auto" = capture, and fit eagerly if
+            capture fails; "on" = capture or raise; "off" = eager. Ignored (eager) on the CPU.
         jitter / loss / downsampler: nested configs.
     """
 
@@ -286,6 +293,8 @@ class ImplicitConfig(_ConfigMixin):
     early_stop_tol: float = 0.01
     early_stop_patience: int = 2
     group_size: int | None = None
+    train_scale: float = 1.0
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
     jitter: JitterConfig = field(default_factory=_implicit_jitter)
     loss: LossConfig = field(default_factory=_implicit_loss)
     downsampler: DownsamplerConfig = field(default_factory=DownsamplerConfig)
@@ -301,6 +310,10 @@ class ImplicitConfig(_ConfigMixin):
 #: benchmarks/implicit_quality.py (CPU, 128 px, 2 photos): 13.5x fewer CPU seconds per image than "paper", with a
 #: held-out multi-view error 0.866 of the fixed JBU's and 0.922 of bilinear's. 240 steps, not 300: on those photos
 #: early stopping never fired by 300, and 240 steps gave equal or lower error (docs/implicit.md).
+#: "lite" (issue 15): "fast" rendered at 1/4 of the input size while fitting (``train_scale=0.25``). Measured side
+#: by side with "fast" (benchmarks/implicit_quality.py --presets lite fast, CPU, 1 thread, 128 px, plant and
+#: skate): 11.9x fewer CPU seconds per image (17.2 vs 204.3) and a lower held-out error on both photos (mean 0.441
+#: vs 0.480; 0.796 of the fixed JBU's, 0.846 of bilinear's); docs/implicit.md.
 IMPLICIT_PRESETS: dict[str, ImplicitConfig] = {
     "paper": ImplicitConfig(),
     "fast": ImplicitConfig(
@@ -312,14 +325,24 @@ IMPLICIT_PRESETS: dict[str, ImplicitConfig] = {
         amp="auto",
         early_stop=True,
     ),
+    "lite": ImplicitConfig(
+        n_views=300,
+        view_batch=150,
+        steps=240,
+        views_per_step=8,
+        proj_dim=64,
+        amp="auto",
+        early_stop=True,
+        train_scale=0.25,
+    ),
 }
 
 #: The preset :func:`featup_ops.fit_implicit` uses when no config is given.
-DEFAULT_IMPLICIT_PRESET = "fast"
+DEFAULT_IMPLICIT_PRESET = "lite"
 
 
 def implicit_preset(name: str) -> ImplicitConfig:
-    """Look up an implicit preset by name ("paper" or "fast"); an unknown name raises ``ValueError``."""
+    """Look up an implicit preset by name ("paper", "fast", "lite"); an unknown name raises ``ValueError``."""
     try:
         return IMPLICIT_PRESETS[name]
     except KeyError:

@@ -17,15 +17,30 @@ returns full-channel features at the requested size. What makes it fast (issue 7
 - **View bank once per image**, in large backbone batches across all images of the call, compressed to
   ``proj_dim`` PCA channels right away.
 - **bfloat16 autocast on CUDA** (``amp="auto"``) for the backbone and the MLP; losses stay float32.
-- **Early stopping** per image on its reconstruction error (a stopped image keeps its parameters at that step).
-- Presets: ``"paper"`` (FeatUp's 3,000 views, 1,200 steps) and ``"fast"`` (the default); see
-  :data:`featup_ops.config.IMPLICIT_PRESETS`.
+- **Early stopping** per image on its reconstruction error (a stopped image keeps its parameters at that step;
+  the group goes on with fixed shapes, and the stopped image's parameters are restored at the end).
+- **Lower training resolution** (``ImplicitConfig.train_scale``, issue 15): the networks are rendered at a
+  fraction of the input size while fitting (the downsampler's kernel follows the scaled stride) and at the
+  requested size for the result; the MLP, jitter and downsampler costs fall with the square of the scale.
+- **Dense attention downsample**: the attention downsampler's softmax weights are applied as one ``bmm`` with a
+  (cells x pixels) matrix instead of unfolding all channels into k x k patches (:func:`_attention_downsample`).
+- **One CUDA graph per step** on CUDA (``ImplicitConfig.cuda_graph``): every random draw of a step is made
+  outside the step into static buffers, so forward, backward and the NAdam update are captured once, after
+  :data:`GRAPH_WARMUP_STEPS` eager steps, and replayed; the per-step losses stay on the device and are read once
+  per early-stopping window. On the CPU the same step runs eagerly.
+- **Progress**: ``fit_implicit(..., progress=fn)`` calls ``fn(step_done, total_steps, active_images)`` after
+  every step.
+- Presets: ``"paper"`` (FeatUp's 3,000 views, 1,200 steps), ``"fast"`` and ``"lite"`` (``"fast"`` rendered at
+  1/4 of the input size while fitting); see :data:`featup_ops.config.IMPLICIT_PRESETS` and
+  :data:`featup_ops.config.DEFAULT_IMPLICIT_PRESET`.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -35,7 +50,7 @@ from featup_ops.config import DEFAULT_IMPLICIT_PRESET, ImplicitConfig, implicit_
 from featup_ops.downsamplers import AttentionDownsampler, _shared_mask, downsample_strides
 from featup_ops.errors import InputSizeError
 from featup_ops.jitter import Jitter, apply_jitter, sample_jitter
-from featup_ops.losses import UncertaintyHead, blur_pin_loss, gaussian_nll
+from featup_ops.losses import UncertaintyHead, blur_pin_loss, gaussian_blur, gaussian_nll
 
 __all__ = ["ImplicitUpsampler", "fit_implicit", "fit_pca", "min_max_scale"]
 
@@ -131,19 +146,27 @@ class ImplicitUpsampler(nn.Module):
         parts = [sin, cos] + ([colour.reshape(g, 3, h * w)] if self.cfg.color_feats else [])
         return torch.cat(parts, dim=1)
 
-    def _mlp(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """(G, in, P) -> (G, k, P); Dropout2d masks are drawn once and shared by all groups."""
+    def _mlp(
+        self, x: torch.Tensor, generator: torch.Generator | None, masks: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor:
+        """(G, in, P) -> (G, k, P); Dropout2d masks are drawn once and shared by all groups.
+
+        ``masks``: the two dropout multipliers ((1, in, 1) and (1, hidden, 1): keep-mask / keep probability), drawn
+        by the caller (the fit's training step); None = draw them here from ``generator``.
+        """
         p = self.cfg.dropout
         drop = self.training and p > 0
 
-        def dropout(t: torch.Tensor) -> torch.Tensor:
+        def dropout(t: torch.Tensor, j: int) -> torch.Tensor:
             if not drop:
                 return t
+            if masks is not None:
+                return t * masks[j].to(t.dtype)
             return t * (_shared_mask(1, (t.shape[1], 1), 1 - p, generator, t.device) / (1 - p)).to(t.dtype)
 
-        x = dropout(_channel_norm(x, self.norm0_w, self.norm0_b))
+        x = dropout(_channel_norm(x, self.norm0_w, self.norm0_b), 0)
         x = torch.relu(torch.baddbmm(self.b1[:, :, None], self.w1, x))
-        x = _channel_norm(dropout(x), self.norm1_w, self.norm1_b)
+        x = _channel_norm(dropout(x, 1), self.norm1_w, self.norm1_b)
         x = torch.relu(torch.baddbmm(self.b2[:, :, None], self.w2, x))
         return torch.baddbmm(self.b3[:, :, None], self.w3, x)
 
@@ -189,6 +212,22 @@ class ImplicitUpsampler(nn.Module):
             outs.append(self._mlp(feats, generator).float().reshape(g, self.out_dim, y1 - y0, wo))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def render(
+        self, colour: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, masks: tuple[torch.Tensor, ...] | None
+    ) -> torch.Tensor:
+        """The training forward on precomputed inputs (one block, gradients on).
+
+        Args:
+            colour: (G, 3, h, w) min-max scaled colour at the render size.
+            ys, xs: (h,), (w,) coordinates in [-1, 1].
+            masks: the dropout multipliers of :meth:`_mlp` (None in eval mode).
+
+        Returns:
+            (G, k, h, w), float32 (or the autocast dtype's result cast to float32).
+        """
+        g, _, h, w = colour.shape
+        return self._mlp(self._features(colour, ys, xs), None, masks).float().reshape(g, self.out_dim, h, w)
+
 
 def fit_pca(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact, deterministic PCA of feature maps (covariance eigendecomposition in float64).
@@ -219,9 +258,10 @@ def _tv_per_image(x: torch.Tensor) -> torch.Tensor:
     return (dv + dh) / x[0].numel()
 
 
-def _autocast(device: torch.device, amp: str):
+def _autocast(device: torch.device, amp: str, cache: bool = True):
+    """bfloat16 autocast per ``ImplicitConfig.amp``; ``cache=False`` inside a step that may be a CUDA graph."""
     use = amp == "on" or (amp == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use, cache_enabled=cache)
 
 
 def _view_bank(
@@ -286,6 +326,14 @@ def _check_inputs(images: torch.Tensor, backbone: nn.Module, output_size) -> tup
     return out
 
 
+#: ``progress(step_done, total_steps, active_images)``: see :func:`fit_implicit`.
+ProgressFn = Callable[[int, int, int], None]
+
+#: Eager steps run (on a side stream) before the training step is captured as a CUDA graph: the optimizer's
+#: state and autograd's buffers must exist before capture (PyTorch's whole-network capture recipe).
+GRAPH_WARMUP_STEPS = 3
+
+
 def fit_implicit(
     images: torch.Tensor,
     backbone: nn.Module,
@@ -294,17 +342,24 @@ def fit_implicit(
     output_size: tuple[int, int] | None = None,
     seed: int = 0,
     info: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """Fit one implicit network per image and return its features at ``output_size``.
 
     Args:
         images: (N, 3, H, W) normalised images (H, W multiples of the backbone stride), on the device to use.
         backbone: frozen backbone on the same device, with ``.stride``; ``(B,3,H,W) -> (B,C,H/s,W/s)``.
-        cfg: an ``ImplicitConfig`` or a preset name; default the "fast" preset.
+        cfg: an ``ImplicitConfig`` or a preset name; default the preset named by ``DEFAULT_IMPLICIT_PRESET``.
         output_size: (Ho, Wo), any positive size (non-square allowed); default (H, W).
         seed: fixes every random draw; an image's result does not depend on the other images in the call.
         info: if given, filled with ``seconds``, ``steps`` (per image), ``loss_history`` (per image, per step
-            total loss), ``mse_history`` (per image, per step reconstruction MSE), ``proj_dim``.
+            total loss), ``mse_history`` (per image, per step reconstruction MSE), ``proj_dim``, ``train_size``
+            (the size the networks are rendered at while fitting) and ``step_mode`` ("eager" or "cuda_graph"; per
+            group, the last group's).
+        progress: called after every optimisation step as ``progress(step_done, total_steps, active_images)``:
+            ``total_steps`` = groups x ``cfg.steps``; ``step_done`` counts steps of the groups before the
+            current one as complete (so it jumps when a group stops early) and only increases; ``active_images``
+            = images of the current group not yet stopped early. Cheap (no device sync of its own).
 
     Returns:
         (N, C, Ho, Wo) float32 features (PCA-unprojected to the backbone's C channels).
@@ -317,31 +372,175 @@ def fit_implicit(
     t0 = time.perf_counter()
     n = images.shape[0]
     gs = cfg.group_size or n
+    n_groups = -(-n // gs)
     results, hist, mse_hist, steps = [], [], [], []
-    k_used = cfg.proj_dim
-    for s in range(0, n, gs):
-        feats, h1, h2, st, k_used = _fit_group(images[s : s + gs], backbone, cfg, out_size, seed)
+    k_used, train_size, mode = cfg.proj_dim, out_size, "eager"
+    for gi, s in enumerate(range(0, n, gs)):
+        report = None
+        if progress is not None:
+            report = lambda done, active, base=gi * cfg.steps: progress(base + done, n_groups * cfg.steps, active)
+        feats, h1, h2, st, k_used, train_size, mode = _fit_group(
+            images[s : s + gs], backbone, cfg, out_size, seed, report
+        )
         results.append(feats)
         hist += h1
         mse_hist += h2
         steps += st
     if info is not None:
         info.update(
-            seconds=time.perf_counter() - t0, steps=steps, loss_history=hist, mse_history=mse_hist, proj_dim=k_used
+            seconds=time.perf_counter() - t0, steps=steps, loss_history=hist, mse_history=mse_hist, proj_dim=k_used,
+            train_size=train_size, step_mode=mode,
         )
     return torch.cat(results)
 
 
+@dataclass(frozen=True)
+class _StepPlan:
+    """Geometry of one training step, fixed for a whole fit.
+
+    Attributes:
+        train_size: (Ht, Wt) the networks are rendered at while fitting.
+        grid: (h, w) the backbone's grid.
+        kernel: the attention downsampler's kernel k.
+        crop: (hu, wu) top-left part of the rendered map the downsampler reads.
+        taps: (h*w, k*k) int64, flat index into the (hu*wu) crop of tap p of cell l (``F.unfold``'s order).
+    """
+
+    train_size: tuple[int, int]
+    grid: tuple[int, int]
+    kernel: int
+    crop: tuple[int, int]
+    taps: torch.Tensor
+
+
+def _step_plan(size: tuple[int, int], stride: int, cfg: ImplicitConfig, device: torch.device) -> _StepPlan:
+    """The training-step geometry of ``size`` inputs at backbone ``stride`` (one-line error if it cannot fit)."""
+    grid = (size[0] // stride, size[1] // stride)
+    if not 0 < cfg.train_scale <= 1:
+        raise ValueError(f"fit_implicit: train_scale must be in (0, 1], got {cfg.train_scale}")
+    train = (max(1, round(size[0] * cfg.train_scale)), max(1, round(size[1] * cfg.train_scale)))
+    kernel = cfg.downsampler_kernel or max(1, 2 * max(1, round(stride * cfg.train_scale)) - 3)
+    sy, sx = downsample_strides(train, grid, kernel)  # fail early, with the reason, if the kernel cannot fit
+    crop = ((grid[0] - 1) * sy + kernel, (grid[1] - 1) * sx + kernel)
+    rows = (torch.arange(grid[0]) * sy)[:, None, None, None] + torch.arange(kernel)[None, None, :, None]
+    cols = (torch.arange(grid[1]) * sx)[None, :, None, None] + torch.arange(kernel)[None, None, None, :]
+    taps = (rows * crop[1] + cols).reshape(grid[0] * grid[1], kernel * kernel)
+    return _StepPlan(train, grid, kernel, crop, taps.to(device))
+
+
+def _attention_downsample(
+    down: AttentionDownsampler,
+    x: torch.Tensor,
+    plan: _StepPlan,
+    saliency_mask: torch.Tensor | None,
+    patch_keep: torch.Tensor | None,
+) -> torch.Tensor:
+    """``AttentionDownsampler.forward`` with caller-drawn dropout masks, contracted as one dense matmul.
+
+    The same function of the same parameters (equal up to float rounding; ``tests/test_implicit.py``), but each
+    cell's softmax weights are scattered into a (cells, hu*wu) matrix and applied with ``bmm`` instead of
+    unfolding all C channels into (C, k*k, cells) patches: on a 128 px fit the unfold and its backward were half
+    of a step's CPU time; on a GPU it also bounds memory (no C x k^2 x cells copy).
+
+    Args:
+        down: the grouped attention downsampler (its parameters; ``in_dim`` = C).
+        x: (B, C, H, W) jittered rendered maps, B = groups * V (group-major).
+        plan: the step geometry (``plan.train_size`` = (H, W)).
+        saliency_mask: (V, C, hu, wu) saliency-dropout multiplier (keep-mask / keep), or None.
+        patch_keep: (V, 1, h*w) patch-dropout keep mask (0/1), or None.
+
+    Returns:
+        (B, C, h, w), x's dtype.
+    """
+    bsz, c = x.shape[:2]
+    g = down.groups
+    v = bsz // g
+    (h, w), (hu, wu) = plan.grid, plan.crop
+    cells, taps = plan.taps.shape
+    if down.cfg.blur_input:
+        x = gaussian_blur(x, down.cfg.blur_kernel, down.cfg.blur_sigma)
+    x = x[..., :hu, :wu].reshape(g, v, c, hu * wu)
+    xin = x if saliency_mask is None else x * saliency_mask.reshape(1, v, c, hu * wu).to(x.dtype)
+    sal = torch.einsum("gvcp,gc->gvp", xin, down.saliency_weight.to(x.dtype))
+    sal = sal + down.saliency_bias.to(x.dtype)[:, None, None]  # (G, V, hu*wu)
+    logits = sal[:, :, plan.taps]  # (G, V, cells, taps)
+    if patch_keep is not None:
+        logits = logits * patch_keep.reshape(1, v, cells, 1).to(logits.dtype)
+    logits = logits * down.w.to(logits.dtype)[:, None, None, :] + down.b.to(logits.dtype)[:, None, None, :]
+    attn = torch.softmax(logits.float(), dim=-1).to(x.dtype).reshape(bsz, cells, taps)
+    dense = x.new_zeros(bsz, cells, hu * wu).scatter(2, plan.taps[None].expand(bsz, cells, taps), attn)
+    out = torch.bmm(x.reshape(bsz, c, hu * wu), dense.transpose(1, 2))  # (B, C, cells)
+    return out.reshape(bsz, c, h, w)
+
+
+class _StepInputs:
+    """The random draws of one training step, in static buffers (the CUDA graph reads them in place).
+
+    Attributes:
+        idx: (V,) int64 on the device: the bank views of this step (shared by all images).
+        uniforms: U[0, 1) draws for the dropout masks, in this order (each only if that dropout is on):
+            MLP input (1, in, 1), MLP hidden (1, hidden, 1), downsampler saliency (V, k+1, hu, wu), downsampler
+            patches (V, 1, h*w). Drawn from the device generator in the order the modules themselves draw.
+    """
+
+    def __init__(self, net: ImplicitUpsampler, down: AttentionDownsampler, v: int, plan: _StepPlan,
+                 device: torch.device) -> None:
+        cfg, dcfg = net.cfg, down.cfg
+        self.idx = torch.zeros(v, dtype=torch.int64, device=device)
+        self.keeps: list[float] = []
+        shapes: list[tuple[int, ...]] = []
+        if cfg.dropout > 0:
+            shapes += [(1, cfg.in_channels, 1), (1, cfg.hidden_dim, 1)]
+            self.keeps += [1 - cfg.dropout] * 2
+        self.mlp = cfg.dropout > 0
+        self.saliency = dcfg.saliency_dropout > 0
+        if self.saliency:
+            shapes.append((v, down.in_dim, *plan.crop))
+            self.keeps.append(1 - dcfg.saliency_dropout)
+        self.patch = dcfg.patch_dropout > 0
+        if self.patch:
+            shapes.append((v, 1, plan.grid[0] * plan.grid[1]))
+            self.keeps.append(1 - dcfg.patch_dropout)
+        self.uniforms = [torch.empty(s, device=device) for s in shapes]
+
+    def draw(self, gen: torch.Generator, gen_dev: torch.Generator, n_views: int) -> None:
+        """Fill the buffers with the next step's draws (view choice from ``gen``, masks from ``gen_dev``)."""
+        self.idx.copy_(torch.randint(0, n_views, (self.idx.numel(),), generator=gen))
+        for u in self.uniforms:
+            torch.rand(u.shape, generator=gen_dev, out=u)
+
+    def masks(self) -> tuple[tuple[torch.Tensor, ...] | None, torch.Tensor | None, torch.Tensor | None]:
+        """(MLP multipliers or None, saliency multiplier or None, patch keep-mask or None) from the buffers."""
+        made = [(u < keep).float() for u, keep in zip(self.uniforms, self.keeps)]
+        mlp = None
+        if self.mlp:
+            mlp = (made[0] / self.keeps[0], made[1] / self.keeps[1])
+            made, keeps = made[2:], self.keeps[2:]
+        else:
+            keeps = self.keeps
+        sal = patch = None
+        if self.saliency:
+            sal = made[0] / keeps[0]
+            made = made[1:]
+        if self.patch:
+            patch = made[0]
+        return mlp, sal, patch
+
+
 def _fit_group(
-    images: torch.Tensor, backbone: nn.Module, cfg: ImplicitConfig, out_size: tuple[int, int], seed: int
-) -> tuple[torch.Tensor, list, list, list, int]:
+    images: torch.Tensor,
+    backbone: nn.Module,
+    cfg: ImplicitConfig,
+    out_size: tuple[int, int],
+    seed: int,
+    report: Callable[[int, int], None] | None,
+) -> tuple[torch.Tensor, list, list, list, int, tuple[int, int], str]:
+    """Fit one group of G images; returns (features (G, C, Ho, Wo), loss histories, MSE histories, steps per
+    image, k, train size, step mode)."""
     g = images.shape[0]
     dev = images.device
     size = (int(images.shape[-2]), int(images.shape[-1]))
-    stride = int(backbone.stride)
-    grid = (size[0] // stride, size[1] // stride)
-    kernel = cfg.downsampler_kernel or max(1, 2 * stride - 3)
-    downsample_strides(size, grid, kernel)  # fail early, with the reason, if the kernel cannot fit
+    plan = _step_plan(size, int(backbone.stride), cfg, dev)
     gen = torch.Generator().manual_seed(seed)  # views, view choice, init
     gen_dev = torch.Generator(device=dev).manual_seed(seed)  # dropout masks
     images = images.float()
@@ -351,40 +550,40 @@ def _fit_group(
     k = bank.shape[2]
 
     net = ImplicitUpsampler(k, cfg=cfg, groups=g).to(dev)
-    down = AttentionDownsampler(k + 1, kernel, cfg=cfg.downsampler, groups=g).to(dev)
+    down = AttentionDownsampler(k + 1, plan.kernel, cfg=cfg.downsampler, groups=g).to(dev)
     unc = UncertaintyHead(k, cfg=cfg.loss, groups=g).to(dev) if cfg.loss.uncertainty else None
     net.reset_parameters(gen)
     down.reset_parameters(gen)
     if unc is not None:
         unc.reset_parameters(gen)
     params = [*net.parameters(), *down.parameters(), *(unc.parameters() if unc is not None else [])]
-    opt = torch.optim.NAdam(params, lr=cfg.lr)
+    use_graph = dev.type == "cuda" and cfg.cuda_graph != "off" and cfg.steps > GRAPH_WARMUP_STEPS
+    opt = torch.optim.NAdam(params, lr=cfg.lr, capturable=use_graph)
     lc = cfg.loss
     v = cfg.views_per_step
     views_dev = views.to(dev)
+    # constant inputs of the render: colour at the training size and the coordinates
+    colour = min_max_scale(images)
+    if plan.train_size != size:
+        colour = F.interpolate(colour, size=plan.train_size, mode="bilinear", align_corners=False)
+    ys = torch.linspace(-1.0, 1.0, plan.train_size[0], device=dev)
+    xs = torch.linspace(-1.0, 1.0, plan.train_size[1], device=dev)
+    inputs = _StepInputs(net, down, v, plan, dev)
+    grid_hw = bank.shape[-2:]
 
-    active = torch.ones(g, dtype=torch.bool)
-    stopped_at = [cfg.steps] * g
-    snapshot: dict[int, list[torch.Tensor]] = {}
-    best = [math.inf] * g
-    bad = [0] * g
-    window: list[torch.Tensor] = []
-    loss_hist: list[list[float]] = [[] for _ in range(g)]
-    mse_hist: list[list[float]] = [[] for _ in range(g)]
-    net.train()
-    down.train()
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(views), (v,), generator=gen)
-        jit = views_dev.index(idx.to(dev))
+    def losses() -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's per-image loss (G,) and reconstruction MSE (G,) from the inputs' buffers."""
+        mlp_masks, sal_mask, patch_keep = inputs.masks()
+        idx = inputs.idx
+        jit = views_dev.index(idx)
         jit_all = Jitter.cat([jit] * g)  # group-major: image i's views at [i*v, (i+1)*v)
-        with _autocast(dev, cfg.amp):
-            hr = net(images, generator=gen_dev)
-        hr = hr.float()  # (G, k, H, W)
+        with _autocast(dev, cfg.amp, cache=False):
+            hr = net.render(colour, ys, xs, mlp_masks)  # (G, k, Ht, Wt) float32
         mag = hr.norm(dim=1, keepdim=True)
         hr_views = apply_jitter(torch.cat([mag, hr], 1).repeat_interleave(v, dim=0), jit_all)
-        target = bank[:, idx.to(dev)].reshape(g * v, k, *bank.shape[-2:])
-        with _autocast(dev, cfg.amp):
-            low = down(hr_views, grid, generator=gen_dev)
+        target = bank[:, idx].reshape(g * v, k, *grid_hw)
+        with _autocast(dev, cfg.amp, cache=False):
+            low = _attention_downsample(down, hr_views, plan, sal_mask, patch_keep)
         low = low.float()
         scale = unc(target) if unc is not None else None
         rec = gaussian_nll(low[:, 1:], target, scale, reduce=False).reshape(g, v).mean(1)  # (G,)
@@ -398,38 +597,73 @@ def _fit_group(
             # one image at a time: a batch-1 conv rounds exactly as in a separate fit (NAdam amplifies rounding)
             pin = torch.stack([blur_pin_loss(hr[i : i + 1], lc.blur_kernel, lc.blur_sigma) for i in range(g)])
             per = per + lc.blur_pin_weight * pin
+        mse = (low[:, 1:].detach() - target).pow(2).reshape(g, -1).mean(1)
+        return per, mse
+
+    def eager_step() -> tuple[torch.Tensor, torch.Tensor]:
+        per, mse = losses()
         opt.zero_grad(set_to_none=True)
         per.sum().backward()  # a sum: each image's gradients are those of its own fit
         opt.step()
-        with torch.no_grad():
-            mse = (low[:, 1:].detach() - target).pow(2).reshape(g, -1).mean(1).cpu()
-        per_c = per.detach().cpu()
-        for i in range(g):
-            if active[i]:
-                loss_hist[i].append(float(per_c[i]))
-                mse_hist[i].append(float(mse[i]))
-        if not cfg.early_stop:
-            continue
-        window.append(mse)
-        if len(window) < cfg.early_stop_window:
-            continue
-        cur = torch.stack(window).mean(0)
-        window = []
-        for i in range(g):
-            if not active[i]:
-                continue
-            c = float(cur[i])
-            if best[i] - c < cfg.early_stop_tol * best[i]:
-                bad[i] += 1
-            else:
-                bad[i] = 0
-            best[i] = min(best[i], c)
-            if bad[i] >= cfg.early_stop_patience:
-                active[i] = False
-                stopped_at[i] = step + 1
-                snapshot[i] = [p.detach()[i].clone() for p in net.parameters()]
-        if not bool(active.any()):
+        return per.detach(), mse
+
+    loss_buf = torch.zeros(cfg.steps, g, device=dev)
+    mse_buf = torch.zeros(cfg.steps, g, device=dev)
+    active = [True] * g
+    stopped_at = [cfg.steps] * g
+    snapshot: dict[int, list[torch.Tensor]] = {}
+    best = [math.inf] * g
+    bad = [0] * g
+    window_start = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    static: tuple[torch.Tensor, torch.Tensor] | None = None
+    side = torch.cuda.Stream(device=dev) if use_graph else None
+    mode = "eager"
+    net.train()
+    down.train()
+    for step in range(cfg.steps):
+        inputs.draw(gen, gen_dev, len(views))
+        if graph is not None:
+            graph.replay()
+            per, mse = static
+        elif side is not None and step < GRAPH_WARMUP_STEPS:
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                per, mse = eager_step()
+            torch.cuda.current_stream(dev).wait_stream(side)
+        else:
+            per, mse = eager_step()
+        loss_buf[step].copy_(per)
+        mse_buf[step].copy_(mse)
+        if side is not None and graph is None and step == GRAPH_WARMUP_STEPS - 1:
+            graph, static = _capture(losses, opt, dev, cfg.cuda_graph)
+            side = None
+            if graph is not None:
+                mode = "cuda_graph"
+        stop_now = cfg.early_stop and step + 1 - window_start >= cfg.early_stop_window
+        if stop_now:
+            cur = mse_buf[window_start : step + 1].mean(0).tolist()  # the one sync per window
+            window_start = step + 1
+            for i in range(g):
+                if not active[i]:
+                    continue
+                if best[i] - cur[i] < cfg.early_stop_tol * best[i]:
+                    bad[i] += 1
+                else:
+                    bad[i] = 0
+                best[i] = min(best[i], cur[i])
+                if bad[i] >= cfg.early_stop_patience:
+                    active[i] = False
+                    stopped_at[i] = step + 1
+                    snapshot[i] = [p.detach()[i].clone() for p in net.parameters()]
+        if report is not None:
+            report(step + 1, sum(active))
+        if stop_now and not any(active):
             break
+    loss_cpu, mse_cpu = loss_buf.cpu(), mse_buf.cpu()
+    loss_hist = [loss_cpu[: stopped_at[i], i].tolist() for i in range(g)]
+    mse_hist = [mse_cpu[: stopped_at[i], i].tolist() for i in range(g)]
+    del graph, static
     with torch.no_grad():
         for i, saved in snapshot.items():
             for p, s in zip(net.parameters(), saved):
@@ -438,4 +672,33 @@ def _fit_group(
         with _autocast(dev, cfg.amp):
             z = net(images, out_size)  # (G, k, Ho, Wo)
         feats = torch.einsum("gkhw,gkc->gchw", z.float(), comp) + mean[:, :, None, None]
-    return feats.float(), loss_hist, mse_hist, stopped_at, k
+    return feats.float(), loss_hist, mse_hist, stopped_at, k, plan.train_size, mode
+
+
+def _capture(
+    losses: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    opt: torch.optim.Optimizer,
+    dev: torch.device,
+    setting: str,
+) -> tuple[torch.cuda.CUDAGraph | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Capture forward, backward and optimizer step as one CUDA graph (after the eager warm-up steps).
+
+    Returns (graph, (static per-image loss, static MSE)); replaying the graph runs one step on whatever the step
+    inputs' buffers hold. A failed capture gives (None, None) with ``setting == "auto"`` (the fit goes on
+    eagerly) and raises a one-line ``RuntimeError`` with ``"on"``.
+    """
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    try:
+        with torch.cuda.graph(graph):
+            per, mse = losses()
+            per.sum().backward()
+            opt.step()
+    except Exception as e:  # noqa: BLE001 - any capture failure falls back (or is reported in one line)
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(dev)
+        if setting == "on":
+            raise RuntimeError(f"fit_implicit: CUDA graph capture of the training step failed: {e}") from None
+        warnings.warn(f"fit_implicit: CUDA graph capture failed ({type(e).__name__}: {e}); fitting eagerly")
+        return None, None
+    return graph, (per.detach(), mse)

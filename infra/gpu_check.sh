@@ -2,7 +2,8 @@
 # GPU check of the kernels on a lent GPU machine (python, torch with CUDA, cupy-cuda13x; no Ray/Zarr/network).
 # Runs without installing the project (PYTHONPATH=.): compiles every CUDA kernel through CuPy/NVRTC, runs the
 # `gpu`-marked tests (kernels vs the torch reference; featurize stage, training step and implicit fit on CUDA
-# vs the CPU path), then the micro-benchmark, and prints a short summary. A few minutes at most.
+# vs the CPU path), then the micro-benchmark, then the implicit-fit throughput (images/s at 224 px, group sizes
+# 1/8/32, benchmarks/implicit_throughput.py, ~2 min at most), and prints a short summary. A few minutes at most.
 #   usage: infra/gpu_check.sh            (logs and bench JSON go to $OUT if set, else /tmp/featup_gpu_check)
 set -u
 cd "$(dirname "$0")/.."
@@ -46,10 +47,17 @@ echo "== benchmark"
 timeout 300 $PY -m kernels.bench --json "$LOGS/kernels_bench.json" 2>&1 | tee "$LOGS/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 
+echo "== implicit fit throughput (224 px, group sizes 1 8 32, the default preset)"
+timeout 240 $PY benchmarks/implicit_throughput.py --group-sizes 1 8 32 --size 224 \
+    --json "$LOGS/implicit_throughput.json" 2>&1 | tee "$LOGS/implicit.log"
+IMPLICIT_RC=${PIPESTATUS[0]}
+
 echo
 echo "== summary ($(( $(date +%s) - T0 )) s)"
 echo "compile: rc=$COMPILE_RC $(tail -n 1 "$LOGS/compile.log")"
 echo "tests:   rc=$TESTS_RC $(tail -n 1 "$LOGS/tests.log")"
 echo "bench:   rc=$BENCH_RC"
 sed -n '/^Summary/,$p' "$LOGS/bench.log"
-[ "$COMPILE_RC" -eq 0 ] && [ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
+echo "implicit: rc=$IMPLICIT_RC"
+sed -n '/^Summary: implicit/,$p' "$LOGS/implicit.log"
+[ "$COMPILE_RC" -eq 0 ] && [ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$IMPLICIT_RC" -eq 0 ]

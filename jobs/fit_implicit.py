@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray binds loopback only (docs/design.md, "Running")
 
+from featup_ops.config import DEFAULT_IMPLICIT_PRESET  # noqa: E402  (cheap: dataclasses only)
 from pipeline.cli import json_object, run_job  # noqa: E402  (cheap: stdlib only)
 
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="feature store URI (local path or s3://...)")
     p.add_argument("--rows", type=int, nargs="+", default=None, help="only these row indices (default: all complete rows)")
     p.add_argument("--limit", type=int, default=None, help="at most this many rows")
-    p.add_argument("--preset", "--implicit-preset", dest="preset", default="fast", help="implicit fit preset: fast (default) or paper (the method's values)")
+    p.add_argument("--preset", "--implicit-preset", dest="preset", default=DEFAULT_IMPLICIT_PRESET,
+                   help="implicit fit preset: lite (default), fast, or paper (the method's values)")
     p.add_argument("--implicit-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="output size of the implicit features (default: the store's hires size)")
     p.add_argument("--implicit-gpus", type=float, default=None,

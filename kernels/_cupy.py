@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._sources import CUDA_TYPES, KERNELS, MAX_K, launch_geometry, load_source, name_expressions
+from ._sources import CUDA_TYPES, KERNELS, MAX_K, kernel_expression, launch_geometry, load_source, name_expressions
 from .errors import KernelInputError
+from .reference import keys_channel_last
 
 import cupy  # noqa: E402  (this module is only imported when CuPy is wanted)
 
@@ -49,9 +50,9 @@ def _module(source: str) -> "cupy.RawModule":
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(source: str, name: str, dtype: torch.dtype):
+def _kernel(source: str, name: str, dtype: torch.dtype, K: int):
     ctype = CUDA_TYPES[str(dtype).removeprefix("torch.")]
-    return _module(source).get_function(f"{name}<{ctype}>")
+    return _module(source).get_function(kernel_expression(name, ctype, K))
 
 
 def _launch(source: str, name: str, dtype: torch.dtype, dims: dict[str, int], args: tuple, device) -> None:
@@ -60,7 +61,7 @@ def _launch(source: str, name: str, dtype: torch.dtype, dims: dict[str, int], ar
     except ValueError as e:
         raise KernelInputError(f"CuPy kernels: {e}") from None
     with cupy.cuda.Device(device.index):
-        kern = _kernel(source, name, dtype)
+        kern = _kernel(source, name, dtype, dims["K"])
         with _cupy_stream(device):  # the launch goes to CuPy's current stream = torch's current stream
             kern(grid, block, args, shared_mem=shared_mem)
 
@@ -151,7 +152,13 @@ def adaptive_conv_cupy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def jbu_fused_cupy(
-    x: torch.Tensor, keys: torch.Tensor, temperature: torch.Tensor, spatial: torch.Tensor
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: torch.Tensor,
+    spatial: torch.Tensor,
+    *,
+    vectorized: bool | None = None,
+    channels_per_block: int | None = None,
 ) -> torch.Tensor:
     """Fused JBU forward on CUDA (no autograd; see :func:`kernels.jbu_fused`).
 
@@ -160,6 +167,12 @@ def jbu_fused_cupy(
         keys: ``(B, D, H+K-1, W+K-1)``, cast to x's dtype.
         temperature: 0-d tensor (read on the device as float32; no host sync).
         spatial: ``(K, K)`` (read as float32).
+        vectorized: ``jbu_fused_forward_vec`` (wide loads, two pixels per thread; keys copied channel-last) or
+            ``jbu_fused_forward`` (one pixel per thread, scalar loads). Default: vectorised for float16/bfloat16,
+            scalar for float32 (whose results stay those of the original kernel). Both give the same sums in the
+            same order.
+        channels_per_block: channels per z step (each step recomputes its pixels' weights); default
+            ``_sources.FUSED_CHANNELS_PER_BLOCK``. For tuning (the benchmark sweeps it).
 
     Returns:
         ``(B, C, H, W)`` in x's dtype.
@@ -169,16 +182,24 @@ def jbu_fused_cupy(
     B, C, Hp, Wp = x.shape
     D = keys.shape[1]
     H, W = Hp - K + 1, Wp - K + 1
+    if vectorized is None:
+        vectorized = x.dtype != torch.float32
     xc = x.contiguous()
-    kc = keys.to(x.dtype).contiguous()
     tc = temperature.detach().to(device=x.device, dtype=torch.float32).reshape(1).contiguous()
     sc = spatial.detach().to(device=x.device, dtype=torch.float32).contiguous()
     out = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    dims = dict(B=B, C=C, H=H, W=W, K=K)
-    cpb = launch_geometry("jbu_fused_forward", **dims)[3]
-    _launch("jbu_fused.cu", "jbu_fused_forward", x.dtype, dims,
+    dims = dict(B=B, C=C, H=H, W=W, K=K, channels_per_block=channels_per_block)
+    if vectorized:
+        name = "jbu_fused_forward_vec"
+        kc = keys_channel_last(keys, x.dtype)  # (B, Hp, Wp, D rounded up to whole 16-byte chunks)
+        D = kc.shape[-1]
+    else:
+        name = "jbu_fused_forward"
+        kc = keys.to(x.dtype).contiguous()
+    cpb = launch_geometry(name, **dims)[3]
+    _launch("jbu_fused.cu", name, x.dtype, dims,
             (_ptr(xc), _ptr(kc), _ptr(tc), _ptr(sc), _ptr(out), *_dims(B, C, D, H, W, K, cpb)), x.device)
     return out
 

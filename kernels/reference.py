@@ -266,3 +266,25 @@ def jbu_fused_reference(
         wb = jbu_weights_reference(keys[:, :, y0 : y1 + K - 1], temperature, spatial)
         out[:, :, y0:y1] = conv(x[:, :, y0 : y1 + K - 1], wb)
     return out
+
+
+def keys_channel_last(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The keys as the vectorised fused CUDA kernel (``jbu_fused_forward_vec``) reads them.
+
+    Args:
+        keys: ``(B, D, Hp, Wp)``.
+        dtype: the kernel's element type (x's dtype).
+
+    Returns:
+        A fresh contiguous ``(B, Hp, Wp, Dv)`` tensor in ``dtype``, ``Dv`` = D rounded up to a multiple of
+        ``16 // itemsize`` (8 for float16/bfloat16, 4 for float32) with the extra channels zero, so every pixel's key
+        is whole 16-byte chunks. About ``Dv/D`` times the keys' size (13 MiB at 448^2, D=32, float16).
+    """
+    B, D, Hp, Wp = keys.shape
+    per_chunk = 16 // torch.empty((), dtype=dtype).element_size()
+    Dv = -(-D // per_chunk) * per_chunk
+    out = torch.empty(B, Hp, Wp, Dv, dtype=dtype, device=keys.device)
+    if Dv > D:
+        out[..., D:].zero_()
+    out[..., :D].copy_(keys.permute(0, 2, 3, 1))
+    return out

@@ -236,7 +236,7 @@ def test_job_cli(made, capsys):
     g = open_store(store)
     assert g["implicit"].shape == g["hires"].shape
     assert g["implicit_status"][:].tolist() == [0] * N_IMAGES
-    assert g.attrs[ATTRS_KEY]["preset"] == "fast"
+    assert g.attrs[ATTRS_KEY]["preset"] == "lite"
     assert "0 pending" in capsys.readouterr().out
     assert job.main(["--store", str(made["root"] / "missing.zarr")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

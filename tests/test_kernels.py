@@ -315,3 +315,22 @@ def test_bench_worker_measures_each_method() -> None:
     for method in ("ours", "torch", "unfold", "bilinear"):
         r = bench._cpu_worker({"method": method, "size": 8, "C": 4, "K": 3, "backward": True, "warmup": True})
         assert r["seconds"] > 0 and r["peak_bytes"] >= 0, (method, r)
+
+
+def test_bench_summary_reports_the_fused_kernels_and_the_stack_target(capsys) -> None:
+    from kernels import bench
+
+    row = lambda ms, mib: {"seconds": ms / 1e3, "peak_bytes": mib * 2**20}  # noqa: E731
+    cases = {
+        "fused JBU 448x448 float16 inference": {"fused vectorised (cupy)": row(2.0, 150),
+                                                "fused scalar (cupy)": row(3.9, 148)},
+        "fused JBU 448x448 float32 inference": {"fused scalar (cupy)": row(3.0, 290)},
+        "jbu stack": {"kernels JBU stack (fused, keys given)": row(4.9, 470)},
+    }
+    bench._summary({"device": "cuda", "C": 384, "K": 7, "cases": cases})
+    out = capsys.readouterr().out
+    assert "float32 scalar 3.00 ms, float16 scalar 3.90 ms, float16 vectorised 2.00 ms" in out
+    assert "fp16 fwd <= 5 ms and <= 0.5 GB): MET (4.9 ms, 470 MiB)" in out
+    cases["jbu stack"] = {"x": row(4.9, 480)}  # 503 MB > 0.5 GB
+    bench._summary({"device": "cuda", "C": 384, "K": 7, "cases": cases})
+    assert "MISSED" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from featup_ops.config import DEFAULT_IMPLICIT_PRESET
 from pipeline.cli import json_object
 from pipeline.errors import ConfigError
 from pipeline.io.decode import MAX_PIXELS, check_size, size_hw
@@ -83,7 +84,7 @@ class FeaturizeConfig:
     implicit: bool = False
     implicit_size: tuple[int, int] | None = None
     implicit_gpus: float | None = None
-    implicit_preset: str | ImplicitConfig = "fast"
+    implicit_preset: str | ImplicitConfig = DEFAULT_IMPLICIT_PRESET
     implicit_actors: int = 1
     implicit_cpus: float = 1.0
     implicit_seed: int = 0

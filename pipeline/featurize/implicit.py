@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featup_ops.config import DEFAULT_IMPLICIT_PRESET
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.store.schema import Status, to_store_dtype
 
@@ -68,7 +69,7 @@ class ImplicitStageConfig:
     """Settings of the implicit stage, shared by the featurize job and the second pass.
 
     Attributes:
-        preset: name in ``featup_ops.config.IMPLICIT_PRESETS`` ("fast" default; "paper" = the method's values).
+        preset: name in ``featup_ops.config.IMPLICIT_PRESETS`` (default ``featup_ops.config.DEFAULT_IMPLICIT_PRESET``, "lite"; "fast"; "paper" = the method's values).
         implicit_cfg: an explicit ``featup_ops.ImplicitConfig``; overrides ``preset`` (e.g. tiny test configs).
         output_size: ``(Hi, Wi)`` of the implicit features; None = the store's hires output size. Any size,
             non-square allowed.
@@ -81,7 +82,7 @@ class ImplicitStageConfig:
         images_per_fit: images per ``fit_implicit`` call.
     """
 
-    preset: str = "fast"
+    preset: str = DEFAULT_IMPLICIT_PRESET
     implicit_cfg: Any = None
     output_size: tuple[int, int] | None = None
     gpus: float | None = 0.0
@@ -470,7 +471,8 @@ def add_implicit_args(parser: Any) -> Any:
       help="implicit feature size, any H W (default: the hires output size)")
     a("--implicit-gpus", type=float, default=None,
       help="GPUs per implicit actor, fractional allowed (default: 1 if the cluster has GPUs, else 0 = CPU actors)")
-    a("--implicit-preset", default="fast", help="implicit fit preset: fast (default) or paper (FeatUp's values)")
+    a("--implicit-preset", default=DEFAULT_IMPLICIT_PRESET,
+      help="implicit fit preset: lite (default), fast, or paper (FeatUp's values)")
     a("--implicit-actors", type=int, default=1, help="implicit fitting actors")
     a("--implicit-cpus", type=float, default=DEFAULT_CPUS_PER_ACTOR, help="CPUs reserved per implicit actor")
     a("--implicit-seed", type=int, default=0, help="implicit fitting seed (default 0)")
@@ -483,7 +485,7 @@ def stage_config_from(job_cfg: Any) -> ImplicitStageConfig:
     resolved against the cluster when the plan is built)."""
     preset = job_cfg.implicit_preset
     return ImplicitStageConfig(
-        preset=preset if isinstance(preset, str) else "fast",
+        preset=preset if isinstance(preset, str) else DEFAULT_IMPLICIT_PRESET,
         implicit_cfg=None if isinstance(preset, str) else preset,
         output_size=tuple(job_cfg.implicit_size) if job_cfg.implicit_size else None,
         gpus=None if job_cfg.implicit_gpus is None else float(job_cfg.implicit_gpus),
