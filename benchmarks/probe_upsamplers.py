@@ -43,7 +43,7 @@ from benchmarks.probe_scenes import PROBE_PHOTOS, load_photos, make_scenes, writ
 from pipeline.probe import ProbeConfig, evaluate_segmentation_probe, train_segmentation_probe  # noqa: E402
 
 #: bilateral sigmas tried by --sweep-bilateral: (sigma_spatial, sigma_range)
-BILATERAL_GRID = [(s, r) for s in (0.5, 1.0) for r in (1.0, 2.0, 4.0, 8.0)]
+BILATERAL_GRID = [(1.0, 1.0), (1.0, 2.0), (1.0, 4.0), (0.5, 2.0)]
 
 
 class _Features(Dataset):

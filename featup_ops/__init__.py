@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "load_upsampler": "checkpoint",
     "checkpoint_hash": "checkpoint",
     "register_upsampler": "checkpoint",
+    "default_upsampler_for": "defaults",
     # configuration and errors
     "JBUConfig": "config",
     "JitterConfig": "config",

@@ -62,7 +62,7 @@ class FeaturizeConfig:
         limit: featurize only the first ``limit`` manifest rows.
         backbone: ``featup_ops`` backbone name.
         weights: backbone weights (None = the preset's default; ``random``; a path or URI).
-        upsampler: upsampler checkpoint (path or URI); None = the fixed joint bilateral upsampler.
+        upsampler: upsampler checkpoint (path or URI); None = ``featup_ops.default_upsampler_for(backbone)``.
         input_size: the backbone input, one side (square) or ``(H, W)``; each a multiple of the backbone stride.
         output_size: the high-res features, one side (square) or ``(H, W)``; None = ``input_size``.
         dtype: store dtype of features: ``float16``, ``bfloat16`` or ``float32``.
@@ -341,11 +341,10 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         dtype=cfg.dtype, codec=cfg.codec,
     )
     schema = replace(probe, rows_per_shard=cfg.rows_per_shard or rows_per_shard_for(probe.hires_row_bytes))
-    ckpt_hash = None
-    if cfg.upsampler:
-        from featup_ops.checkpoint import checkpoint_hash
+    import featup_ops
 
-        ckpt_hash = checkpoint_hash(cfg.upsampler, storage_options=cfg.storage_options)
+    ckpt = cfg.upsampler or featup_ops.default_upsampler_for(cfg.backbone)
+    ckpt_hash = featup_ops.checkpoint_hash(ckpt, storage_options=cfg.storage_options) if ckpt else None
     settings = {
         "backbone": cfg.backbone,
         "weights_hash": backbone.weights_hash,
@@ -470,7 +469,8 @@ def add_featurize_args(parser: Any) -> Any:
     a("--limit", type=int, default=None, help="featurize only the first N images")
     a("--backbone", default=d.backbone, help="featup_ops backbone name (default %(default)s)")
     a("--weights", default=None, help="backbone weights: default for the preset, 'random', or a path / s3:// URI")
-    a("--upsampler", default=None, help="upsampler checkpoint dir (path or s3://); default: fixed joint bilateral")
+    a("--upsampler", default=None, help="upsampler checkpoint dir (path or s3://); default: the backbone's "
+      "(featup_ops.default_upsampler_for: the shipped JBU for efficientnet_lite0, bilinear for ViTs)")
     a("--input-size", type=int, nargs="+", default=d.input_size, metavar="SIDE",
       help="backbone input: one side (square) or H W, multiples of the stride (default %(default)s)")
     a("--output-size", type=int, nargs="+", default=None, metavar="SIDE",
