@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scene-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds")
     p.add_argument("--epochs", type=int, default=10, help="probe epochs (default 10)")
-    p.add_argument("--bilateral", type=float, nargs=2, default=[1.0, 2.0], metavar=("SPATIAL", "RANGE"),
+    p.add_argument("--bilateral", type=float, nargs=2, default=[1.0, 1.0], metavar=("SPATIAL", "RANGE"),
                    help="sigmas of the tuned bilateral row (default: the best of the sweep measured here)")
     p.add_argument("--sweep-bilateral", action="store_true", help="probe every BILATERAL_GRID setting (seed 0)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",

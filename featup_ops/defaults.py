@@ -14,7 +14,7 @@ from pathlib import Path
 SHIPPED_JBU = Path(__file__).resolve().parent / "pretrained" / "jbu_lite0"
 
 #: ``featup_ops.checkpoint_hash`` of the shipped checkpoint (config + weights), as feature stores record it.
-SHIPPED_JBU_HASH = "eeaf127c9be11fc2ccd49e68015f92ed0a3d51f8a730577257d7c8ec7823b536"
+SHIPPED_JBU_HASH = "d3a1b23d2376d4c9de6e3725f06c4f9510f299f270c4e8755d38f8dcb5568757"
 
 #: Backbone strides the shipped checkpoint is the default for (it was trained at stride 32).
 SHIPPED_JBU_STRIDES = frozenset({32})
