@@ -8,7 +8,7 @@ probe (``pipeline.probe``: the same code ``jobs/eval_probe.py`` runs on stores) 
 seed and scored at full resolution. Prints mIoU and pixel accuracy (mean and std over seeds) and their deltas to
 bilinear.
 
-    python benchmarks/probe_upsamplers.py                              # ~10 min on 2 CPU cores
+    python benchmarks/probe_upsamplers.py --seeds 0                    # ~12 min on a loaded 2-core machine
     python benchmarks/probe_upsamplers.py --sweep-bilateral            # also a grid of bilateral sigmas (seed 0)
     python benchmarks/probe_upsamplers.py --checkpoint s300=runs/x/checkpoint_000300 --json out.json
     python benchmarks/probe_upsamplers.py --implicit-scenes 2          # + the implicit upsampler (CPU: minutes/scene)
@@ -143,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--implicit-scenes", type=int, default=0,
                    help="also fit the implicit upsampler on this many test scenes (a separate, smaller table)")
     p.add_argument("--write-scenes", default=None, help="write the scenes + label PNGs here and exit")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine 2 threads ran several times slower)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     scenes = make_scenes(load_photos(), args.train_scenes, args.test_scenes, args.size, seed=args.scene_seed)
     if args.write_scenes:
