@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds")
     p.add_argument("--epochs", type=int, default=10, help="probe epochs (default 10)")
     p.add_argument("--bilateral", type=float, nargs=2, default=[1.0, 1.0], metavar=("SPATIAL", "RANGE"),
-                   help="sigmas of the tuned bilateral row (default: the best of the sweep measured here)")
+                   help="sigmas of the second bilateral row (default: the best of BILATERAL_GRID measured here)")
     p.add_argument("--sweep-bilateral", action="store_true", help="probe every BILATERAL_GRID setting (seed 0)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                    help="trained upsampler checkpoint to add (repeatable); default: the shipped one")
