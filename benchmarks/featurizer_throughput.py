@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         jbu_path = str(Path(tmp) / "jbu")
         save_upsampler(jbu_path, JBUUpsampler().eval())  # feature-agnostic JBU, untrained: the same cost as trained
-        variants = {"backbone only": None, "bilinear": None, "bilateral (job default)": None, "JBU checkpoint": jbu_path}
+        variants = {"backbone only": None, "bilinear": None, "job default (default_upsampler_for)": None,
+                    "JBU checkpoint": jbu_path}
         units = _units(args.images, args.unit_rows, size)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         name = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPUs"

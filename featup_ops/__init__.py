@@ -41,6 +41,7 @@ _EXPORTS: dict[str, str] = {
     "FEATUP_CHECKPOINTS": "featup_checkpoints",
     "FeatUpCheckpoint": "featup_checkpoints",
     "to_featup_state_dict": "featup_checkpoints",
+    "default_upsampler_for": "defaults",
     # configuration and errors
     "JBUConfig": "config",
     "JitterConfig": "config",

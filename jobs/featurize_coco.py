@@ -25,12 +25,12 @@ from pipeline.cli import run_job  # noqa: E402
 from pipeline.featurize import add_featurize_args, config_from_args, main_from_config  # noqa: E402
 
 #: --demo: the photos shipped in pipeline/samples/, a local store, the real packaged EfficientNet-Lite0 weights
-#: and the fixed joint bilateral upsampler (no checkpoint needed).
+#: and the default upsampler (featup_ops.default_upsampler_for: the JBU checkpoint shipped in the package).
 DEMO_INPUT = REPO / "pipeline" / "samples"
 DEMO_OUTPUT = Path("out") / "demo.zarr"
 #: --demo draws PCA pictures of this many rows
 DEMO_PICTURES = 3
-#: --demo's high-res side: 112 px keeps the CPU demo to a few minutes (the fixed bilateral upsampler at 224 px and
+#: --demo's high-res side: 112 px keeps the CPU demo to a few minutes (the upsampler at 224 px and
 #: 320 channels costs ~4x more); pass --output-size 224 for full resolution.
 DEMO_OUTPUT_SIZE = 112
 

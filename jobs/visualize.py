@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--array", default="hires", choices=["hires", "implicit"], help="store array shown as high-res")
     p.add_argument("--backbone", default=None, help="featup_ops backbone preset (with --image)")
     p.add_argument("--weights", default=None, help="backbone weights: file, s3:// URI or 'random'")
-    p.add_argument("--upsampler", default=None, help="upsampler checkpoint dir; default: fixed joint bilateral")
+    p.add_argument("--upsampler", default=None, help="upsampler checkpoint dir; default: featup_ops.default_upsampler_for(backbone)")
     p.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="SIDE",
                    help="input: one side (square) or H W, multiples of the stride (with --image)")
     p.add_argument("--policy", default="crop", choices=["crop", "pad"])

@@ -103,9 +103,10 @@ def test_stored_features_equal_featup_ops_run_directly(clean_run, bad_folder):
     folder, _ = bad_folder
     g = open_store(out)
     attrs = read_attrs(g)
-    assert attrs["backbone"] == "efficientnet_lite0" and attrs["upsampler"]["kind"] == "bilateral"
+    up = _default_upsampler()  # no --upsampler: the shipped JBU checkpoint, recorded by config and hash
+    assert attrs["backbone"] == "efficientnet_lite0" and attrs["upsampler"] == up.config_dict()
+    assert attrs["upsampler_checkpoint_hash"] == up.checkpoint_hash
     backbone = featup_ops.load_backbone("efficientnet_lite0", "random")
-    up = featup_ops.BilateralUpsampler()
     rows = [0, 5, 8]  # a photo, CMYK, RGBA
     px = np.stack([decode_image((folder / str(g["image_id"][r])).read_bytes(), size=(SIZE, SIZE)).pixels for r in rows])
     with torch.inference_mode():
@@ -208,7 +209,7 @@ def test_non_square_input_and_output_sizes(ray_local, bad_folder, tmp_path):
     px = decode_image((folder / str(g["image_id"][0])).read_bytes(), size=(64, 96)).pixels[None]
     with torch.inference_mode():
         x = normalize(px, backbone.mean, backbone.std)
-        high = featup_ops.BilateralUpsampler()(backbone(x), x, (32, 48))[0]
+        high = _default_upsampler()(backbone(x), x, (32, 48))[0]
     item = FeatureDataset(out, "hires")[0]
     assert item["features"].shape == (backbone.dim, 32, 48)
     torch.testing.assert_close(item["features"], high, rtol=1e-2, atol=1e-2 * float(high.abs().max()))
@@ -225,6 +226,13 @@ def test_size_settings_are_checked_with_one_line(bad_folder, tmp_path):
     with pytest.raises(ConfigError, match="--input-size 64 100 is not a multiple of the stride 32 .* use 64 96 or 64 128"):
         run_featurize(config(str(folder), str(tmp_path / "n.zarr"), input_size=[64, 100]))
     assert not (tmp_path / "n.zarr").exists()
+
+
+def _default_upsampler():
+    """The upsampler a featurize job without --upsampler uses for efficientnet_lite0 (the shipped JBU)."""
+    import featup_ops
+
+    return featup_ops.load_upsampler(featup_ops.default_upsampler_for("efficientnet_lite0"))
 
 
 def _unit(pixels: np.ndarray, ok: list[bool]) -> dict[str, np.ndarray]:
@@ -250,7 +258,7 @@ def test_featurizer_stage_applies_the_stored_pca_basis(bad_folder):
     with torch.inference_mode():
         x = normalize(px, backbone.mean, backbone.std)
         low = backbone(x)
-        high = featup_ops.BilateralUpsampler()(low, x, (32, 32))
+        high = _default_upsampler()(low, x, (32, 32))
     basis = fit_pca(low, 4)
     stage = Featurizer(ModelSpec("efficientnet_lite0", "random", None, (32, 32), "float32", 2, pca=basis.to_dict()))
     out = stage(_unit(np.stack([px[0], np.zeros_like(px[0]), px[1]]), [True, False, True]))

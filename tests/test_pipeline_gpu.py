@@ -45,7 +45,7 @@ def _decoded_samples(size: int, rows: int = 4) -> dict[str, np.ndarray]:
     return decode_units(units, DecodeSpec((size, size), "crop", 8, rows_per_shard=len(uris)))
 
 
-@pytest.mark.parametrize("upsampler", ["bilateral", "jbu-checkpoint"])
+@pytest.mark.parametrize("upsampler", ["default", "jbu-checkpoint"])
 def test_featurizer_stage_on_cuda_equals_the_cpu_path(upsampler: str, tmp_path) -> None:
     path = None
     if upsampler == "jbu-checkpoint":

@@ -186,7 +186,7 @@ def render_image(
         out: PNG path to write.
         backbone: ``featup_ops`` backbone preset name.
         weights: backbone weights (None = timm pretrained from the local cache, a file, or "random").
-        upsampler: upsampler checkpoint directory; None = the fixed joint bilateral upsampler (no learning).
+        upsampler: upsampler checkpoint directory; None = ``featup_ops.default_upsampler_for(backbone)``.
         input_size: input size in pixels, one side (square) or ``(H, W)``; multiples of the backbone stride.
         policy: resize policy, "crop" or "pad", as in the featurize job.
         storage_options: fsspec options for s3:// inputs.
@@ -201,11 +201,8 @@ def render_image(
     from pipeline.io.storage import access_errors
 
     model = featup_ops.load_backbone(backbone, weights)
-    up = (
-        featup_ops.load_upsampler(upsampler, storage_options=storage_options)
-        if upsampler
-        else featup_ops.BilateralUpsampler()
-    )
+    path = upsampler or featup_ops.default_upsampler_for(backbone)
+    up = featup_ops.load_upsampler(path, storage_options=storage_options) if path else featup_ops.BilinearUpsampler()
     with access_errors(f"image {image!r}"):
         data = read_bytes(image, storage_options)
     try:

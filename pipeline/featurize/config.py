@@ -27,7 +27,7 @@ class FeaturizeConfig:
         limit: featurize only the first ``limit`` manifest rows.
         backbone: ``featup_ops`` backbone name.
         weights: backbone weights (None = the preset's default; ``random``; a path or URI).
-        upsampler: upsampler checkpoint (path or URI); None = the fixed joint bilateral upsampler.
+        upsampler: upsampler checkpoint (path, URI or FeatUp ``.ckpt``); None = ``featup_ops.default_upsampler_for(backbone)``.
         input_size: the backbone input, one side (square) or ``(H, W)``; each a multiple of the backbone stride.
         output_size: the high-res features, one side (square) or ``(H, W)``; None = ``input_size``.
         dtype: store dtype of features: ``float16``, ``bfloat16`` or ``float32``.
@@ -133,7 +133,8 @@ def add_featurize_args(parser: Any) -> Any:
     a("--limit", type=int, default=None, help="featurize only the first N images")
     a("--backbone", default=d.backbone, help="featup_ops backbone name (default %(default)s)")
     a("--weights", default=None, help="backbone weights: default for the preset, 'random', or a path / s3:// URI")
-    a("--upsampler", default=None, help="upsampler checkpoint dir (path or s3://); default: fixed joint bilateral")
+    a("--upsampler", default=None, help="upsampler checkpoint dir or FeatUp .ckpt (path or s3://); default: the "
+      "backbone's (featup_ops.default_upsampler_for: the shipped JBU for stride-32 presets, else bilinear)")
     a("--input-size", type=int, nargs="+", default=d.input_size, metavar="SIDE",
       help="backbone input: one side (square) or H W, multiples of the stride (default %(default)s)")
     a("--output-size", type=int, nargs="+", default=None, metavar="SIDE",

@@ -93,11 +93,12 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         _say(cfg.quiet, f"featurize: resuming {cfg.output}: {before['complete'] + before['failed']} rows done, "
                         f"{len(job.units)} of {schema.num_shards} shards to go")
     written = run_plan(job)
-    if schema.on_read and cfg.upsampler:  # the compact store keeps its own copy of the checkpoint (issue 14)
+    ckpt = job.model.upsampler if job.model is not None else None  # the resolved checkpoint (default included)
+    if schema.on_read and ckpt:  # the compact store keeps its own copy of the checkpoint (issue 14)
         from pipeline.store.compact import store_upsampler
 
         store_upsampler(open_store(cfg.output, mode="r+", storage_options=cfg.storage_options), cfg.output,
-                        cfg.upsampler, job.settings["upsampler_checkpoint_hash"], storage_options=cfg.storage_options)
+                        ckpt, job.settings["upsampler_checkpoint_hash"], storage_options=cfg.storage_options)
     counts = status_counts(open_store(cfg.output, storage_options=cfg.storage_options))
     seconds = time.monotonic() - t_start
     new = counts["complete"] + counts["failed"] - before["complete"] - before["failed"]

@@ -110,8 +110,8 @@ def _check_sizes(cfg: FeaturizeConfig, stride: int, dim: int) -> None:
 def _fit_pca_basis(cfg: FeaturizeConfig, manifest: Manifest, model: ModelSpec) -> dict[str, Any]:
     """Fit the PCA basis on the low-res features of the first ``pca_fit_images`` decodable images.
 
-    Low-res features suffice: the bilateral/JBU upsamplers output per-pixel convex combinations of low-res
-    features, so high-res features lie in the span (and near the mean) of the low-res ones.
+    Low-res features suffice: the upsamplers output per-pixel (nearly convex, for a JBU with the kernel fix-up)
+    combinations of low-res features, so high-res features lie in their span (and near their mean).
     """
     import featup_ops
     import torch
@@ -158,6 +158,7 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
         ConfigError: invalid settings (e.g. input size not a multiple of the stride).
     """
     from featup_ops.backbones import describe_backbone
+    from featup_ops.defaults import default_upsampler_for
 
     manifest = build_manifest(
         cfg.input, kind=cfg.kind, split=cfg.split, limit=cfg.limit, storage_options=cfg.storage_options
@@ -166,7 +167,8 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     info = describe_backbone(cfg.backbone, cfg.weights, storage_options=cfg.storage_options)
     _check_sizes(cfg, info.stride, info.dim)
     model = ModelSpec(
-        backbone=cfg.backbone, weights=cfg.weights, upsampler=cfg.upsampler, output_size=cfg.output_hw,
+        backbone=cfg.backbone, weights=cfg.weights, output_size=cfg.output_hw,
+        upsampler=cfg.upsampler or default_upsampler_for(cfg.backbone),  # None: bilinear
         dtype=cfg.dtype, batch_size=cfg.batch_size, storage_options=cfg.storage_options,
         torch_threads=cfg.torch_threads, hires_mode=cfg.hires,
     )
@@ -191,7 +193,7 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
         "weights_hash": info.weights_hash,
         "stride": info.stride,
         "upsampler": upsampler.config_dict(),
-        "upsampler_checkpoint_hash": getattr(upsampler, "checkpoint_hash", None) if cfg.upsampler else None,
+        "upsampler_checkpoint_hash": getattr(upsampler, "checkpoint_hash", None) if model.upsampler else None,
         "input_size": list(input_hw),
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
         "resize_policy": cfg.policy,
@@ -259,6 +261,7 @@ def resolve_fit_implicit(cfg: FitImplicitConfig) -> PlanJob:
         ConfigError: bad settings (``--rows`` out of range, unknown preset).
     """
     from featup_ops.backbones import describe_backbone
+    from featup_ops.defaults import default_upsampler_for
     from pipeline.store.implicit import ATTRS_KEY
 
     group = open_store(cfg.store, storage_options=cfg.storage_options)

@@ -44,8 +44,8 @@ class ModelSpec:
     Attributes:
         backbone: backbone name for ``featup_ops.load_backbone``.
         weights: its ``weights`` argument.
-        upsampler: checkpoint path/URI for ``featup_ops.load_upsampler``, or None for the fixed
-            ``featup_ops.BilateralUpsampler()``.
+        upsampler: checkpoint path/URI for ``featup_ops.load_upsampler``, or None for the backbone's default
+            (``featup_ops.default_upsampler_for``: the shipped JBU checkpoint, or bilinear).
         output_size: ``(H, W)`` of the high-res features.
         dtype: store dtype name (``float16``, ``bfloat16``, ``float32``).
         batch_size: images per forward pass.
@@ -159,10 +159,13 @@ def featurize_pixels(
             x = normalize(pixels[start : start + batch_size], backbone.mean, backbone.std).to(device)
             low = backbone(x)
             if pca is not None and getattr(upsampler, "channel_agnostic", False):
-                # The upsampler's per-pixel weights do not depend on the features and sum to 1, so it commutes
-                # with the affine PCA map: project first and upsample k channels instead of C (C/k less work).
+                # The upsampler is linear in the features (per-pixel weights from the image only), so
+                # P(up(f) - m) = up(P f) - P m, exact even where the weights do not sum to 1 (FeatUp's kernel
+                # fix-up): upsample k channels instead of C (C/k less work).
+                comps = torch.as_tensor(pca.components, dtype=low.dtype, device=low.device)
+                shift = comps @ torch.as_tensor(pca.mean, dtype=low.dtype, device=low.device)
+                high = upsampler(torch.einsum("kc,bchw->bkhw", comps, low), x, output_size) - shift.view(1, -1, 1, 1)
                 low = apply_pca(low, pca)
-                high = upsampler(low, x, output_size)
             else:
                 high = upsampler(low, x, output_size)
                 if pca is not None:
@@ -192,10 +195,12 @@ def build_upsampler(spec: ModelSpec, device: str = "cpu") -> Any:
     ``.checkpoint_hash``), or the job's default. The one place the upsampler is chosen; cheap to build."""
     import featup_ops
 
-    if spec.upsampler:
-        upsampler = featup_ops.load_upsampler(spec.upsampler, storage_options=spec.storage_options)
-    else:
-        upsampler = featup_ops.BilateralUpsampler()
+    if spec.upsampler:  # backbone=: a FeatUp .ckpt made for another backbone is refused with one line
+        upsampler = featup_ops.load_upsampler(
+            spec.upsampler, storage_options=spec.storage_options, backbone=spec.backbone
+        )
+    else:  # no checkpoint applies to this backbone (featup_ops.default_upsampler_for)
+        upsampler = featup_ops.BilinearUpsampler()
     return upsampler.to(device).eval()
 
 
