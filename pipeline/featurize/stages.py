@@ -195,11 +195,10 @@ def build_upsampler(spec: ModelSpec, device: str = "cpu") -> Any:
     ``.checkpoint_hash``), or the job's default. The one place the upsampler is chosen; cheap to build."""
     import featup_ops
 
-    if spec.upsampler:  # backbone=: a FeatUp .ckpt made for another backbone is refused with one line
-        upsampler = featup_ops.load_upsampler(
-            spec.upsampler, storage_options=spec.storage_options, backbone=spec.backbone
-        )
-    else:  # no checkpoint applies to this backbone (featup_ops.default_upsampler_for)
+    path = spec.upsampler or featup_ops.default_upsampler_for(spec.backbone)
+    if path:  # backbone=: a FeatUp .ckpt made for another backbone is refused with one line
+        upsampler = featup_ops.load_upsampler(path, storage_options=spec.storage_options, backbone=spec.backbone)
+    else:  # no checkpoint applies to this backbone
         upsampler = featup_ops.BilinearUpsampler()
     return upsampler.to(device).eval()
 

@@ -3,10 +3,13 @@
 An on-read store keeps ``lowres`` (store dtype), ``guidance`` (``uint8`` input image) and its upsampler
 (:mod:`pipeline.store.compact`). :func:`hires_from_compact` runs the materialized mode's computation on them::
 
-    hires = cast_to_store_dtype( upsampler( lowres -> float32, normalize(guidance), size ) ) -> float32
+    hires = cast_to_store_dtype( upsampler( lowres + s, normalize(guidance), size ) - s ) -> float32
 
-so values equal a materialized store made with the same settings within the store dtype's rounding (``lowres`` is
-the rounded input; the upsamplers take per-pixel convex combinations, so its rounding error is not amplified).
+with ``s = P m`` for a store with a PCA basis (components P, mean m; 0 without PCA), so values equal a materialized
+store made with the same settings within the store dtype's rounding: the materialized mode computes
+``up(P f) - P m``, exact for any upsampler linear in the features, also one whose weights do not sum to 1 (a JBU with
+FeatUp's kernel fix-up), and ``lowres + s = P f`` up to the rounding of ``lowres``, which the upsamplers' per-pixel
+(nearly convex) combinations do not amplify.
 
 :class:`OnReadHires` is the reader's handle: it loads (and so verifies) the stored upsampler when it is built,
 never pickles it, and reloads it lazily in each process (DataLoader workers, Ray tasks).
@@ -21,7 +24,21 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.store.schema import FeatureStoreSchema, pair
 
-__all__ = ["OnReadHires", "hires_from_compact", "is_on_read"]
+__all__ = ["OnReadHires", "hires_from_compact", "is_on_read", "pca_shift"]
+
+
+def pca_shift(attrs: dict[str, Any]) -> "np.ndarray | None":
+    """``(k,) float32`` ``P m`` of a store's PCA basis (``attrs["pca"]``), computed in float32 as the featurize
+    stage does; None for a store without PCA."""
+    if not attrs.get("pca"):
+        return None
+    import torch
+
+    from featup_ops.pca import PCABasis
+
+    basis = PCABasis.from_dict(attrs["pca"])
+    comps = torch.as_tensor(basis.components, dtype=torch.float32)
+    return (comps @ torch.as_tensor(basis.mean, dtype=torch.float32)).numpy()
 
 
 def is_on_read(attrs: dict[str, Any]) -> bool:
@@ -40,6 +57,7 @@ def hires_from_compact(
     size: tuple[int, int],
     device: str = "cpu",
     batch_size: int = 64,
+    pca_shift: "np.ndarray | None" = None,
 ) -> Any:
     """Upsample stored rows on ``device``.
 
@@ -53,6 +71,7 @@ def hires_from_compact(
         size: ``(Ho, Wo)`` of the output.
         device: torch device to compute on (``"cuda"``: batched on the GPU of the calling process).
         batch_size: rows per upsampler call.
+        pca_shift: ``(C,) float32`` ``P m`` of the store's PCA basis (:func:`pca_shift`); None without PCA.
 
     Returns:
         ``(B, C, Ho, Wo) float32`` tensor on ``device``.
@@ -68,13 +87,15 @@ def hires_from_compact(
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     store_dt = getattr(torch, dtype)
+    shift = None if pca_shift is None else torch.as_tensor(pca_shift, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     with torch.inference_mode():
         for a in range(0, n, batch_size):
             f = low[a : a + batch_size].to(device, non_blocking=True).to(torch.float32)
             # the same operations as pipeline.io.decode.normalize, on the device
             x = img[a : a + batch_size].to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
             x = x.div_(255.0).sub_(m).div_(s)
-            out[a : a + len(f)] = upsampler(f, x, size).to(store_dt).to(torch.float32)
+            high = upsampler(f, x, size) if shift is None else upsampler(f + shift, x, size) - shift
+            out[a : a + len(f)] = high.to(store_dt).to(torch.float32)
     return out
 
 
@@ -116,6 +137,7 @@ class OnReadHires:
         self.mean = tuple(float(v) for v in norm["mean"])
         self.std = tuple(float(v) for v in norm["std"])
         self.batch_size = int(batch_size)
+        self.pca_shift = pca_shift(self.attrs)
         up = load_store_upsampler(store, self.attrs, storage_options=storage_options, device="cpu")  # verifies now
         self.channel_agnostic = bool(getattr(up, "channel_agnostic", False))
         self._up: Any = up
@@ -144,7 +166,7 @@ class OnReadHires:
         """``(B, C, h, w)`` stored lowres + ``(B, H, W, 3) uint8`` guidance -> ``(B, C, Ho, Wo) float32`` on device."""
         return hires_from_compact(
             lowres, guidance, self.upsampler(), mean=self.mean, std=self.std, dtype=self.schema.dtype,
-            size=self.size, device=self.device, batch_size=self.batch_size,
+            size=self.size, device=self.device, batch_size=self.batch_size, pca_shift=self.pca_shift,
         )
 
 
