@@ -120,8 +120,6 @@ def ray_pipeline(cfg: Any) -> tuple[float, float]:
 def bench_codecs(images: int = 4, size: int = 112) -> list[dict[str, Any]]:
     """Compression ratio and write/read speed of each codec on real features (efficientnet_lite0, packaged
     ImageNet weights, bilateral upsampling to ``size``, fp16, one chunk per image), through the store's own layout."""
-    from dataclasses import replace
-
     from pipeline.io.decode import decode_image
     from pipeline.io.sources import build_manifest, read_many
     from pipeline.featurize.stages import ModelSpec, build_models, featurize_pixels

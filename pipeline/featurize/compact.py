@@ -3,10 +3,10 @@ the checks the driver runs before such a job.
 
 An on-read unit carries ``lowres`` (backbone features, PCA applied, store dtype) and ``guidance`` (the decoded,
 resized ``uint8`` image the backbone saw) instead of ``hires``; the same :class:`pipeline.store.sink.ZarrFeatureDatasink`
-writes it. The reader reproduces ``hires`` as the materialized mode computes it: ``upsampler(lowres, image, size)``.
-With PCA this equals ``pca(upsampler(features))`` because the upsampler is channel-agnostic (per-pixel weights that
-do not depend on the features and sum to 1, so it commutes with the affine projection); other upsamplers with PCA are
-refused (:func:`check_on_read`).
+writes it. The reader reproduces ``hires`` as the materialized mode computes it: ``upsampler(lowres, image, size)``,
+with PCA ``upsampler(lowres + P m, image, size) - P m`` (:mod:`pipeline.read.on_read`), exact because the upsampler
+is channel-agnostic (per-pixel weights that do not depend on the features, so it commutes with the linear part of the
+projection); other upsamplers with PCA are refused (:func:`check_on_read`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
-from pipeline.store.schema import Status, to_store_dtype
+from pipeline.store.schema import to_store_dtype
 
 __all__ = ["check_on_read", "compact_output", "featurize_lowres"]
 
@@ -73,6 +73,8 @@ def compact_output(featurizer: Any, batch: dict[str, np.ndarray]) -> dict[str, n
     """
     import torch
 
+    from pipeline.featurize.stages import unit_output  # stages imports this module lazily: no cycle
+
     spec = featurizer.spec
     ok = np.asarray(batch["ok"], dtype=bool)
     units, s = ok.shape
@@ -90,16 +92,7 @@ def compact_output(featurizer: Any, batch: dict[str, np.ndarray]) -> dict[str, n
         low_t.index_copy_(0, torch.from_numpy(good), low)
     guidance = np.where(ok.reshape(-1)[:, None, None, None], flat, 0).astype(np.uint8, copy=False)
     lowres = to_store_dtype(low_t, spec.dtype)
-    out = {
-        "shard": batch["shard"],
-        "n": batch["n"],
-        "orig_size": batch["orig_size"],
-        "valid_size": batch["valid_size"],
-        "meta": batch["meta"],
-        "lowres": lowres.reshape(units, s, *lowres.shape[1:]),
-        "guidance": guidance.reshape(units, s, *guidance.shape[1:]),
-        "status": np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8),
-    }
+    out = unit_output(batch, ok, lowres=lowres, guidance=guidance)
     if getattr(featurizer, "keep", False):  # an implicit stage follows: it needs the pixels too
         out["pixels"], out["ok"] = batch["pixels"], batch["ok"]
     return out

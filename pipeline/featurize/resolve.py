@@ -261,7 +261,6 @@ def resolve_fit_implicit(cfg: FitImplicitConfig) -> PlanJob:
         ConfigError: bad settings (``--rows`` out of range, unknown preset).
     """
     from featup_ops.backbones import describe_backbone
-    from featup_ops.defaults import default_upsampler_for
     from pipeline.store.implicit import ATTRS_KEY
 
     group = open_store(cfg.store, storage_options=cfg.storage_options)

@@ -190,6 +190,18 @@ def default_torch_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def unit_output(batch: dict[str, np.ndarray], ok: np.ndarray, **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """A featurizer's output row of a batch of ``U`` decoded units of ``S`` rows: ``shard``, ``n``, ``orig_size``,
+    ``valid_size``, ``meta`` passed through, each array of ``arrays`` (``(U*S, ...)``) as ``(U, S, ...)``, and
+    ``status (U, S) uint8`` from ``ok (U, S) bool`` (complete or failed)."""
+    units, s = ok.shape
+    out: dict[str, np.ndarray] = {k: batch[k] for k in ("shard", "n", "orig_size", "valid_size", "meta")}
+    for name, a in arrays.items():
+        out[name] = a.reshape(units, s, *a.shape[1:])
+    out["status"] = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
+    return out
+
+
 def build_upsampler(spec: ModelSpec, device: str = "cpu") -> Any:
     """The upsampler a spec names: its checkpoint (``featup_ops.load_upsampler``, which also sets
     ``.checkpoint_hash``), or the job's default. The one place the upsampler is chosen; cheap to build."""
@@ -285,17 +297,7 @@ class Featurizer:
                 lowres_t.index_copy_(0, rows, low)  # already in the store dtype (featurize_pixels' out_dtype)
                 hires_t.index_copy_(0, rows, high)
             lowres, hires = to_store_dtype(lowres_t, self.spec.dtype), to_store_dtype(hires_t, self.spec.dtype)
-        status = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
-        out = {
-            "shard": batch["shard"],
-            "n": batch["n"],
-            "orig_size": batch["orig_size"],
-            "valid_size": batch["valid_size"],
-            "meta": batch["meta"],
-            "lowres": lowres.reshape(units, s, *lowres.shape[1:]),
-            "hires": hires.reshape(units, s, *hires.shape[1:]),
-            "status": status,
-        }
+        out = unit_output(batch, ok, lowres=lowres, hires=hires)
         if self.keep:
             out["pixels"], out["ok"] = batch["pixels"], batch["ok"]
         return out

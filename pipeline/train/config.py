@@ -2,28 +2,22 @@
 the files and constants a run writes beside its checkpoints."""
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from featup_ops import load_backbone
 from featup_ops.config import DownsamplerConfig, JBUConfig, JitterConfig, LossConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.io.storage import join
 
 __all__ = [
     "TrainJobConfig",
-    "build_datasets",
-    "build_trainer",
-    "run_training",
-    "train_loop_per_worker",
-    "export_upsampler",
-    "read_metrics",
     "METRICS_FILE",
+    "METRIC_COLUMNS",
     "EXPORT_DIR",
     "STATE_FILE",
+    "VAL_SEED",
+    "VAL_VIEWS",
 ]
 
 _METHOD = TrainConfig()

@@ -23,8 +23,6 @@ loads with :func:`featup_ops.load_upsampler`.
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from typing import TYPE_CHECKING, Any
@@ -32,8 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from featup_ops import JBUUpsampler, load_backbone, load_upsampler, save_upsampler
-from featup_ops.multiview import MultiViewObjective
+from featup_ops import load_backbone
 from pipeline.errors import ConfigError, InputNotFoundError
 from pipeline.io.storage import check_writable, filesystem, is_remote, join
 from pipeline.train.config import METRICS_FILE, TrainJobConfig
