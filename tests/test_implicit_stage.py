@@ -299,3 +299,5 @@ def test_fit_longer_than_the_no_progress_window_is_written_and_reported(made, ca
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("implicit: ")]
     pattern = r"implicit: \d+/1 rows \(\d+ failed\) \| [\d.]+ img/s \| ETA \S+ \| \S+ elapsed"
     assert any(re.match(pattern, line) for line in lines), lines
+    # per group, the step the fit reached (featup_ops.fit_implicit's progress callback, through the ProgressBoard)
+    assert any(re.search(r"fitting: step [1-9]\d*/2000 \(1 img\)", line) for line in lines), lines

@@ -24,8 +24,6 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import math
 import threading
@@ -178,8 +176,8 @@ def fit_pixels(
         seed: fitting seed.
         images_per_fit: images per ``fit_implicit`` call.
         pca: the store's PCA basis (``PCABasis.to_dict()``) or None.
-        progress: called with ``(step_done, total_steps, active_images)`` after each fitting step, when
-            ``featup_ops.fit_implicit`` accepts a ``progress`` argument (ignored otherwise).
+        progress: called with ``(step_done, total_steps, active_images)`` after each fitting step of each
+            ``fit_implicit`` call (``featup_ops.fit_implicit``'s ``progress``).
 
     Returns:
         ``(n, C, Hi, Wi) float32`` CPU tensor (C = k when ``pca`` is given).
@@ -195,8 +193,9 @@ def fit_pixels(
     out = []
     for i in range(0, len(pixels), images_per_fit):
         images = normalize(np.asarray(pixels[i : i + images_per_fit]), backbone.mean, backbone.std).to(device)
-        extra = {"progress": progress} if progress is not None and _fit_takes_progress() else {}
-        feats = featup_ops.fit_implicit(images, backbone, cfg=cfg, output_size=tuple(output_size), seed=seed, **extra)
+        feats = featup_ops.fit_implicit(
+            images, backbone, cfg=cfg, output_size=tuple(output_size), seed=seed, progress=progress
+        )
         feats = feats.detach().float()
         if basis is not None:
             feats = apply_pca(feats, basis)
@@ -236,13 +235,6 @@ class FitterSpec:
     torch_threads: int
     heartbeat_s: float
     storage_options: dict[str, Any] | None = field(default=None, hash=False)
-
-
-@functools.lru_cache(maxsize=1)
-def _fit_takes_progress() -> bool:
-    import featup_ops
-
-    return "progress" in inspect.signature(featup_ops.fit_implicit).parameters
 
 
 class ImplicitFitter:
