@@ -19,27 +19,31 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python jobs/featurize.py` without installing the package
     sys.path.insert(0, str(REPO))
 
+from jobs.flags import config_from, parser_for  # noqa: E402
 from pipeline.cli import run_job  # noqa: E402
-from pipeline.featurize import add_featurize_args, config_from_args, main_from_config  # noqa: E402
+from pipeline.featurize.config import FeaturizeConfig  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="folder/prefix, tar shard(s) or parquet file(s)")
-    parser.add_argument("--kind", default="auto", choices=["auto", "folder", "tar", "parquet", "coco"])
-    parser.add_argument("--split", default=None, help="COCO split, with --kind coco")
-    add_featurize_args(parser)
-    args = parser.parse_args(argv)
-    if not args.output:
-        parser.error("--output is required")
-    return args
+CONFIG = FeaturizeConfig
+"""The job's config: its fields are the job's flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`FeaturizeConfig` field (``jobs/flags.py``)."""
+    return parser_for(FeaturizeConfig, doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any Ray process starts
-    return run_job("featurize", lambda: main_from_config(config_from_args(args)))
+
+    def body() -> int:
+        from pipeline.featurize import main_from_config
+
+        return main_from_config(config_from(FeaturizeConfig, args))
+
+    return run_job("featurize", body)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Runs the same way locally and on a cluster:
 
     python jobs/featurize_coco.py --demo
     python jobs/featurize_coco.py --input /data/coco --split val2017 --output out/val2017.zarr --limit 500
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/featurize_coco.py --input s3://bucket/coco --split val2017 --output s3://bucket/feats/val.zarr
 
 With ``RAY_ADDRESS`` set (as ``ray job submit`` does) it joins that cluster; otherwise it starts a local Ray bound
@@ -21,8 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python jobs/featurize_coco.py` without installing the package
     sys.path.insert(0, str(REPO))
 
+from jobs.flags import config_from, parser_for  # noqa: E402
 from pipeline.cli import run_job  # noqa: E402
-from pipeline.featurize import add_featurize_args, config_from_args, main_from_config  # noqa: E402
+from pipeline.featurize.config import FeaturizeConfig  # noqa: E402
 
 #: --demo: the photos shipped in pipeline/samples/, a local store, the real packaged EfficientNet-Lite0 weights
 #: and the default upsampler (featup_ops.default_upsampler_for: the JBU checkpoint shipped in the package).
@@ -35,12 +36,21 @@ DEMO_PICTURES = 3
 DEMO_OUTPUT_SIZE = 112
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", help="COCO root holding <split>/ and annotations/ (local or s3://)")
-    parser.add_argument("--split", default="val2017", help="COCO split (default %(default)s)")
+CONFIG = FeaturizeConfig
+"""The job's config: its fields are the job's flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`FeaturizeConfig` field (``jobs/flags.py``) but ``--kind`` (always coco), plus ``--demo``."""
+    parser = parser_for(
+        FeaturizeConfig, doc=__doc__, exclude={"kind"}, defaults={"input": None, "output": None, "split": "val2017"}
+    )
     parser.add_argument("--demo", action="store_true", help="featurize the shipped sample photos into out/demo.zarr")
-    add_featurize_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.demo and (not args.input or not args.output):
         parser.error("--input and --output are required (or use --demo)")
@@ -66,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.demo:
-        cfg = config_from_args(
+        cfg = config_from(
+            FeaturizeConfig,
             args,
             input=str(DEMO_INPUT),
             output=args.output or str(DEMO_OUTPUT),
@@ -76,7 +87,9 @@ def _run(args: argparse.Namespace) -> int:
             progress_interval_s=min(args.progress_interval_s, 5.0),
         )
     else:
-        cfg = config_from_args(args, kind="coco")
+        cfg = config_from(FeaturizeConfig, args, kind="coco")
+    from pipeline.featurize import main_from_config
+
     rc = main_from_config(cfg)
     if args.demo and rc == 0:
         print(f"demo store: {Path(cfg.output).resolve()}")

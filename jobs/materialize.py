@@ -19,43 +19,36 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as `python jobs/materialize.py` without installing the package
     sys.path.insert(0, str(REPO))
 
-from pipeline.cli import json_object, run_job  # noqa: E402
+from jobs.flags import config_from, parser_for  # noqa: E402
+from pipeline.cli import run_job  # noqa: E402
+from pipeline.featurize.materialize import MaterializeConfig  # noqa: E402
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, help="the on-read store (path or s3:// URI)")
-    p.add_argument("--output", required=True, help="the materialized store to write (path or s3:// URI)")
-    p.add_argument("--rows-per-shard", type=int, default=None, help="target images per shard (default ~64 MiB)")
-    p.add_argument("--num-actors", type=int, default=1, help="materializer actors (one GPU each when present)")
-    p.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per CPU actor")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per upsampler call")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor")
-    p.add_argument("--storage-options", type=json_object, default=None, help="fsspec options as JSON")
-    p.add_argument("--quiet", action="store_true", help="print nothing")
-    return p.parse_args(argv)
+CONFIG = MaterializeConfig
+"""The job's config: its fields are the job's flags."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per :class:`MaterializeConfig` field (``jobs/flags.py``)."""
+    return parser_for(MaterializeConfig, doc=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any Ray process starts
+    return run_job("materialize", lambda: _run(config_from(MaterializeConfig, args)))
 
-    def body() -> int:
-        from pipeline.featurize.materialize import run_materialize
-        from pipeline.store import store_summary
 
-        result = run_materialize(
-            args.source, args.output, storage_options=args.storage_options, rows_per_shard=args.rows_per_shard,
-            num_actors=args.num_actors, actor_cpus=args.actor_cpus, batch_size=args.batch_size,
-            torch_threads=args.torch_threads, quiet=args.quiet,
-        )
-        if not args.quiet:
-            print(store_summary(args.output, args.storage_options))
-            print(json.dumps(result))
-        return 0 if result["pending"] == 0 else 1
+def _run(cfg: MaterializeConfig) -> int:
+    from pipeline.featurize.materialize import run_materialize
+    from pipeline.store import store_summary
 
-    return run_job("materialize", body)
+    result = run_materialize(cfg)
+    if not cfg.quiet:
+        print(store_summary(cfg.output, cfg.storage_options))
+        print(json.dumps(result))
+    return 0 if result["pending"] == 0 else 1
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ started (or joined) by one function, :func:`init_ray`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["user_errors", "run_job", "json_object", "init_ray"]
+__all__ = ["user_errors", "run_job", "json_object", "init_ray", "flag"]
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -39,6 +40,17 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"anon\": true}}', got {text!r}")
     return value
+
+
+def flag(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable[[], Any] | None = None,
+         compare: bool = True, repr: bool = True, **meta: Any) -> Any:
+    """A config field that is also a job flag (``jobs/flags.py`` builds the parser from it): ``help`` and the
+    ``meta`` keys :func:`jobs.flags.parser_for` reads (``aliases``, ``type``, ``repeat``, ``metavar``, ``group``,
+    ``flag=False``). ``compare=False`` keeps a field (credentials, say) out of equality and hashing."""
+    kw: dict[str, Any] = {"compare": compare, "repr": repr, "metadata": {"help": help, **meta}}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, **kw)
+    return dataclasses.field(default=default, **kw)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> None:

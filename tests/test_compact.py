@@ -214,11 +214,11 @@ def test_materialize_job_writes_the_materialized_store_and_resumes(stores, case,
     import s3fs
     import zarr
 
-    from pipeline.featurize.materialize import run_materialize
+    from pipeline.featurize.materialize import MaterializeConfig, run_materialize
 
     mat, comp, kw = stores[case]
     out = str(tmp_path / "m.zarr") if case == "fp16" else "s3://compact-stores/materialized.zarr"
-    res = run_materialize(comp, out, rows_per_shard=3, quiet=True)  # the S the featurize runs used
+    res = run_materialize(MaterializeConfig(comp, out, rows_per_shard=3, quiet=True))  # the S the featurize runs used
     assert (res["complete"], res["failed"], res["pending"]) == (5, 1, 0)
     a, b = open_store(mat), open_store(out)
     assert read_attrs(a)["fingerprint"] == read_attrs(b)["fingerprint"]  # as if featurized materialized
@@ -233,9 +233,9 @@ def test_materialize_job_writes_the_materialized_store_and_resumes(stores, case,
                                atol=2 * EPS[kw["dtype"]] * float(x["features"].abs().max()))
     g = open_store(out, mode="r+")
     g["status"][0:2] = 0  # a torn first shard
-    again = run_materialize(comp, out, rows_per_shard=3, quiet=True)
+    again = run_materialize(MaterializeConfig(comp, out, rows_per_shard=3, quiet=True))
     assert again["resumed"] and again["units_run"] == 1 and again["pending"] == 0
     with pytest.raises(ConfigError, match="already materialized"):
-        run_materialize(mat, str(tmp_path / "x.zarr"), quiet=True)
+        run_materialize(MaterializeConfig(mat, str(tmp_path / "x.zarr"), quiet=True))
     if case != "fp16":
         s3fs.S3FileSystem().rm(out[len("s3://"):], recursive=True)

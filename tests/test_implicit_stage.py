@@ -31,12 +31,13 @@ def _tiny_cfg():
     )
 
 
-def _stage(**kw):
-    from pipeline.featurize.implicit import ImplicitStageConfig
+def _fit(store: str, **kw):
+    """The second pass's config with the tiny fit (its ``implicit_*`` flags as the featurize job's)."""
+    from pipeline.featurize.implicit import FitImplicitConfig
 
-    return ImplicitStageConfig(
-        implicit_cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, cpus_per_actor=0.5, seed=SEED, **kw
-    )
+    flags = {"implicit_preset": _tiny_cfg(), "implicit_size": IMPLICIT_SIZE, "implicit_cpus": 0.5,
+             "implicit_seed": SEED, "quiet": True}
+    return FitImplicitConfig(store=store, **{**flags, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +90,17 @@ def _reset_implicit(store: str) -> None:
     g["implicit"][:] = 0
 
 
-def _fit_in_process(store: str, stage, rows=None, limit=None) -> dict[str, int]:
+def _fit_in_process(store: str, rows=None, limit=None) -> dict[str, int]:
     """The second pass's plan run in this process, one unit at a time, no Ray: its resolved job, the decode stage,
     the fitter and the sink's own lifecycle (``on_write_start``, ``write``)."""
     from ray.data.block import BlockAccessor
 
-    from pipeline.featurize.implicit import FitImplicitConfig, ImplicitFitter
+    from pipeline.featurize.implicit import ImplicitFitter
     from pipeline.featurize.resolve import resolve_fit_implicit
     from pipeline.featurize.stages import decode_units
     from pipeline.store.sink import ZarrFeatureDatasink
 
-    job = resolve_fit_implicit(FitImplicitConfig(store=store, stage=stage, rows=rows, limit=limit, quiet=True))
+    job = resolve_fit_implicit(_fit(store, rows=rows, limit=limit))
     sink = ZarrFeatureDatasink(store, implicit=job.implicit)
     sink.on_write_start()
     import torch
@@ -156,7 +157,7 @@ def test_stage_rows_equal_direct_fit(made):
 
 def test_second_pass_resumes_after_crash(made):
     """Crash after one shard (and mid-way through the next), rerun: the same bytes as the uninterrupted run."""
-    from pipeline.featurize.implicit import FitImplicitConfig, run_fit_implicit
+    from pipeline.featurize.implicit import run_fit_implicit
     from pipeline.store import open_store
 
     want, _, _ = _read(made["store"])
@@ -164,18 +165,18 @@ def test_second_pass_resumes_after_crash(made):
     _reset_implicit(store)
     # The state a killed second pass leaves: shard 0 done by its actor; shard 1's features half written, its
     # implicit_status never set; shard 2 untouched.
-    assert _fit_in_process(store, _stage(), limit=2)["fitted"] == 2  # the actor's code, in-process, shard 0
+    assert _fit_in_process(store, limit=2)["fitted"] == 2  # the actor's code, in-process, shard 0
     g = open_store(store, mode="r+")
     g["implicit"][2:3] = np.full((1, *want.shape[1:]), 9.0, dtype=want.dtype)  # torn: features, no status
     assert open_store(store)["implicit_status"][:].tolist() == [1, 1, 0, 0, 0]
 
-    result = run_fit_implicit(FitImplicitConfig(store=store, stage=_stage(), quiet=True))
+    result = run_fit_implicit(_fit(store))
     assert result["pending"] == 3 and result["fitted"] == 3 and result["units"] == 2
     feats, status, errors = _read(store)
     assert status.tolist() == [1] * N_IMAGES and errors == [""] * N_IMAGES
     np.testing.assert_allclose(feats, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
-    again = run_fit_implicit(FitImplicitConfig(store=store, stage=_stage(), quiet=True))
+    again = run_fit_implicit(_fit(store))
     assert again["pending"] == 0 and again["fitted"] == 0  # nothing left: a rerun is a no-op
 
 
@@ -185,7 +186,7 @@ def test_second_pass_bad_rows_and_subset(made):
     Runs the plan's two stages in-process (the Ray plan itself is covered above) to keep the suite fast.
     """
     from pipeline.errors import StoreMismatchError
-    from pipeline.featurize.implicit import FitImplicitConfig, ImplicitStageConfig, run_fit_implicit
+    from pipeline.featurize.implicit import ImplicitStageConfig, run_fit_implicit
     from pipeline.store import open_store
 
     want, _, _ = _read(made["store"])
@@ -197,7 +198,7 @@ def test_second_pass_bad_rows_and_subset(made):
     g["uri"][1:2] = np.asarray([str(junk)])
     g["uri"][3:4] = np.asarray([str(made["root"] / "gone.jpg")])
 
-    result = _fit_in_process(store, _stage(), rows=(1, 3, 4, 0), limit=3)
+    result = _fit_in_process(store, rows=(1, 3, 4, 0), limit=3)
     assert result == {"pending": 3, "units": 2, "fitted": 1, "failed": 2, "skipped": 0}
     feats, status, errors = _read(store)
     assert status.tolist() == [1, 2, 0, 2, 0]  # row 4 is past --limit 3 of the chosen rows (0, 1, 3)
@@ -207,11 +208,9 @@ def test_second_pass_bad_rows_and_subset(made):
     np.testing.assert_allclose(feats[0], want[0], rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
     with pytest.raises(StoreMismatchError, match="output_size"):  # other settings on the same store: refused
-        run_fit_implicit(
-            FitImplicitConfig(store=store, stage=dataclasses.replace(_stage(), output_size=(16, 16)), quiet=True)
-        )
+        run_fit_implicit(_fit(store, implicit_size=(16, 16)))
     with pytest.raises(ValueError, match="--rows"):
-        run_fit_implicit(FitImplicitConfig(store=store, stage=_stage(), rows=(99,), quiet=True))
+        run_fit_implicit(_fit(store, rows=(99,)))
     assert isinstance(ImplicitStageConfig(preset="paper").fit_config().steps, int)
     with pytest.raises(ValueError, match="--implicit-preset"):
         ImplicitStageConfig(preset="slow")
@@ -275,7 +274,7 @@ def test_fit_longer_than_the_no_progress_window_is_written_and_reported(made, ca
 
     from ray.data import DataContext
 
-    from pipeline.featurize.implicit import FitImplicitConfig, run_fit_implicit
+    from pipeline.featurize.implicit import run_fit_implicit
 
     from pipeline.store import open_store
     from pipeline.store.implicit import ATTRS_KEY
@@ -288,9 +287,7 @@ def test_fit_longer_than_the_no_progress_window_is_written_and_reported(made, ca
     window = ctx.execution_no_progress_timeout_s
     ctx.execution_no_progress_timeout_s = 20
     try:
-        result = run_fit_implicit(FitImplicitConfig(
-            store=store, stage=dataclasses.replace(_stage(), implicit_cfg=slow), rows=(0,), progress_interval_s=2,
-        ))
+        result = run_fit_implicit(_fit(store, implicit_preset=slow, rows=(0,), progress_interval_s=2, quiet=False))
     finally:
         ctx.execution_no_progress_timeout_s = window
     assert result["fitted"] == 1 and result["failed"] == 0

@@ -172,6 +172,5 @@ def test_eval_probe_job_needs_the_class_count_of_a_folder_label_set(tmp_path, ca
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs"))
     import eval_probe
 
-    with pytest.raises(SystemExit) as info:
-        eval_probe.main(["--store", f"a={tmp_path / 'a.zarr'}", "--labels", str(tmp_path), "--label-kind", "folder"])
-    assert info.value.code == 2 and "--label-kind folder needs --num-classes" in capsys.readouterr().err
+    code = eval_probe.main(["--store", f"a={tmp_path / 'a.zarr'}", "--labels", str(tmp_path), "--label-kind", "folder"])
+    assert code == 2 and "eval_probe: --label-kind folder needs --num-classes" in capsys.readouterr().err

@@ -30,9 +30,11 @@ def _config(samples_dir: Path, out: str):
     spec = importlib.util.spec_from_file_location("_job_featurize", REPO / "jobs" / "featurize.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    from pipeline.featurize import config_from_args
+    from jobs.flags import config_from
+    from pipeline.featurize import FeaturizeConfig
 
-    return config_from_args(job.parse_args(["--input", str(samples_dir), "--output", out, *TINY]))
+    return config_from(FeaturizeConfig, job.build_parser().parse_args(["--input", str(samples_dir), "--output", out,
+                                                                       *TINY]))
 
 
 def test_a_failed_write_is_one_line_and_the_store_resumes(ray_local, samples_dir, tmp_path):

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from featup_ops.pca import fit_pca_maps
+from pipeline.cli import flag
+from pipeline.errors import ConfigError
 
 PCA_MAX_PIXELS = 50_000
 """At most this many pixels (drawn evenly from all maps) fit the basis: enough for 3 stable components, cheap."""
@@ -215,3 +218,40 @@ def render_image(
     high = up(low, x)
     pic = feature_picture(np.asarray(decoded.pixels), low[0], high[0])
     return save_png(pic, out)
+
+
+@dataclass(frozen=True)
+class VisualizeConfig:
+    """Settings of ``jobs/visualize.py`` (its flags are these fields): rows of a store (``store`` + ``rows``) or
+    one image through a backbone (``image`` + ``backbone``)."""
+
+    out: str = flag(help="output folder")
+    store: str | None = flag(None, "feature store (local or s3://); with --rows")
+    image: str | None = flag(None, "one image file (local or s3://); with --backbone")
+    rows: tuple[int, ...] = flag((0,), "store rows to draw")
+    array: Literal["hires", "implicit"] = flag("hires", "store array shown as high-res")
+    backbone: str | None = flag(None, "featup_ops backbone preset (with --image)")
+    weights: str | None = flag(None, "backbone weights: file, s3:// URI or 'random'")
+    upsampler: str | None = flag(None, "upsampler checkpoint dir; default: featup_ops.default_upsampler_for(backbone)")
+    input_size: int | tuple[int, int] = flag(
+        224, "input: one side (square) or H W, multiples of the stride (with --image)", metavar="SIDE")
+    policy: Literal["crop", "pad"] = flag("crop", "resize policy (with --image)")
+    storage_options: dict[str, Any] | None = flag(
+        None, 'fsspec options as JSON for the store, image, weights and checkpoint, e.g. \'{"anon": true}\'',
+        compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.store is None) == (self.image is None):
+            raise ConfigError("give one of --store (with --rows) or --image (with --backbone)")
+        if self.image is not None and not self.backbone:
+            raise ConfigError("--image needs --backbone (e.g. --backbone efficientnet_lite0)")
+
+
+def run_visualize(cfg: VisualizeConfig) -> list[Path]:
+    """The pictures ``cfg`` asks for; returns their paths."""
+    if cfg.store is not None:
+        return render_store_rows(cfg.store, cfg.rows, cfg.out, array=cfg.array, storage_options=cfg.storage_options)
+    stem = Path(str(cfg.image).split("?")[0]).stem
+    return [render_image(str(cfg.image), Path(cfg.out) / f"{stem}_{cfg.backbone}.png", backbone=str(cfg.backbone),
+                         weights=cfg.weights, upsampler=cfg.upsampler, input_size=cfg.input_size, policy=cfg.policy,
+                         storage_options=cfg.storage_options)]

@@ -10,8 +10,6 @@ from featup_ops._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "FeaturizeConfig": "config",
-    "add_featurize_args": "config",
-    "config_from_args": "config",
     "main_from_config": "plan",
     "plan_sizes": "plan",
     "run_featurize": "plan",

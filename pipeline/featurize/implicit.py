@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featup_ops.config import DEFAULT_IMPLICIT_PRESET
+from featup_ops.config import DEFAULT_IMPLICIT_PRESET, ImplicitConfig
+from pipeline.cli import flag
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.store.schema import Status, to_store_dtype
 
@@ -44,12 +45,11 @@ __all__ = [
     "FitImplicitConfig",
     "FitterSpec",
     "ImplicitFitter",
+    "ImplicitFlags",
     "ImplicitStageConfig",
-    "add_implicit_args",
     "fit_pixels",
     "implicit_units",
     "run_fit_implicit",
-    "stage_config_from",
 ]
 
 DEFAULT_IMAGES_PER_FIT = 4
@@ -130,6 +130,44 @@ class ImplicitStageConfig:
     def preset_label(self) -> str:
         """The preset name, or ``"custom"`` when an explicit config is given."""
         return "custom" if self.implicit_cfg is not None else self.preset
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImplicitFlags:
+    """The implicit stage's flags, one declaration shared by the featurize job (``--implicit``) and the second pass
+    (``jobs/fit_implicit.py``): a config that inherits these fields takes the same ``--implicit-*`` flags.
+
+    ``implicit_preset`` is a preset name, or through the API a ``featup_ops.ImplicitConfig`` (e.g. tiny test fits);
+    ``implicit_gpus`` None is resolved against the cluster when the plan is built.
+    """
+
+    implicit_size: tuple[int, int] | None = flag(
+        None, "implicit feature size, any H W (default: the hires output size)", metavar=("H", "W"))
+    implicit_gpus: float | None = flag(
+        None, "GPUs per implicit actor, fractional allowed (default: 1 if the cluster has GPUs, else 0 = CPU actors)")
+    implicit_preset: str | ImplicitConfig = flag(
+        DEFAULT_IMPLICIT_PRESET, "implicit fit preset: lite (default), fast, or paper (the method's values)")
+    implicit_actors: int = flag(1, "implicit fitting actors")
+    implicit_cpus: float = flag(DEFAULT_CPUS_PER_ACTOR, "CPUs reserved per implicit actor")
+    implicit_seed: int = flag(0, "implicit fitting seed")
+    images_per_fit: int = flag(DEFAULT_IMAGES_PER_FIT, "images fitted together per implicit fit call")
+
+    def __post_init__(self) -> None:
+        self.stage_config()  # validates every implicit flag, one message each, when the config is made
+
+    def stage_config(self) -> ImplicitStageConfig:
+        """These flags as the stage's :class:`ImplicitStageConfig` (validated there, one message per value)."""
+        preset = self.implicit_preset
+        return ImplicitStageConfig(
+            preset=preset if isinstance(preset, str) else DEFAULT_IMPLICIT_PRESET,
+            implicit_cfg=None if isinstance(preset, str) else preset,
+            output_size=tuple(self.implicit_size) if self.implicit_size else None,
+            gpus=None if self.implicit_gpus is None else float(self.implicit_gpus),
+            actors=int(self.implicit_actors),
+            cpus_per_actor=float(self.implicit_cpus),
+            seed=int(self.implicit_seed),
+            images_per_fit=int(self.images_per_fit),
+        )
 
 
 def implicit_units(
@@ -405,28 +443,24 @@ def fitter_spec(
 
 
 @dataclass(frozen=True)
-class FitImplicitConfig:
-    """Settings of the second pass (``jobs/fit_implicit.py``).
+class FitImplicitConfig(ImplicitFlags):
+    """Settings of the second pass (``jobs/fit_implicit.py``; its flags are these fields, the ``implicit_*`` ones
+    shared with the featurize job through :class:`ImplicitFlags`)."""
 
-    Attributes:
-        store: URI of an existing feature store.
-        stage: the implicit stage settings.
-        rows: only these rows (None = all complete rows).
-        limit: at most this many rows (after ``rows``).
-        weights: backbone weights source the store was made with (None = the preset's default weights).
-        storage_options: fsspec options for the store, the sources and the weights.
-        progress_interval_s: seconds between progress lines.
-        quiet: print nothing.
-    """
+    store: str = flag(help="feature store URI (local path or s3://...)")
+    rows: tuple[int, ...] | None = flag(None, "only these row indices (default: all complete rows)")
+    limit: int | None = flag(None, "at most this many rows")
+    weights: str | None = flag(None, "backbone weights the store was made with (default: the store's record)")
+    storage_options: dict[str, Any] | None = flag(
+        None, 'fsspec options as JSON for the store, the images and the weights, e.g. \'{"anon": true}\'',
+        compare=False)
+    progress_interval_s: float = flag(10.0, "seconds between progress lines")
+    quiet: bool = flag(False, "print only the final line")
 
-    store: str
-    stage: ImplicitStageConfig = field(default_factory=ImplicitStageConfig)
-    rows: tuple[int, ...] | None = None
-    limit: int | None = None
-    weights: str | None = None
-    storage_options: dict[str, Any] | None = field(default=None, hash=False)
-    progress_interval_s: float = 10.0
-    quiet: bool = False
+    @property
+    def stage(self) -> ImplicitStageConfig:
+        """The stage settings of this pass."""
+        return self.stage_config()
 
 
 def run_fit_implicit(cfg: FitImplicitConfig) -> dict[str, int]:
@@ -452,36 +486,3 @@ def run_fit_implicit(cfg: FitImplicitConfig) -> dict[str, int]:
         "pending": job.pending_fits, "units": len(job.units), "fitted": int(written.get("fitted", 0)),
         "failed": int(written.get("fit_failed", 0)), "skipped": 0,
     }
-
-
-def add_implicit_args(parser: Any) -> Any:
-    """Add ``--implicit``, ``--implicit-size``, ``--implicit-gpus``, ``--implicit-preset`` (+ actors, CPUs) to a
-    featurize job's parser; the names match ``FeaturizeConfig``'s ``implicit*`` fields."""
-    a = parser.add_argument
-    a("--implicit", action="store_true", help="also fit per-image implicit features (slow; own actors)")
-    a("--implicit-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-      help="implicit feature size, any H W (default: the hires output size)")
-    a("--implicit-gpus", type=float, default=None,
-      help="GPUs per implicit actor, fractional allowed (default: 1 if the cluster has GPUs, else 0 = CPU actors)")
-    a("--implicit-preset", default=DEFAULT_IMPLICIT_PRESET,
-      help="implicit fit preset: lite (default), fast, or paper (FeatUp's values)")
-    a("--implicit-actors", type=int, default=1, help="implicit fitting actors")
-    a("--implicit-cpus", type=float, default=DEFAULT_CPUS_PER_ACTOR, help="CPUs reserved per implicit actor")
-    a("--implicit-seed", type=int, default=0, help="implicit fitting seed (default 0)")
-    return parser
-
-
-def stage_config_from(job_cfg: Any) -> ImplicitStageConfig:
-    """The :class:`ImplicitStageConfig` of a :class:`pipeline.featurize.config.FeaturizeConfig`'s ``implicit_*``
-    fields (``implicit_preset`` a preset name or a ``featup_ops.ImplicitConfig``; ``implicit_gpus`` None is
-    resolved against the cluster when the plan is built)."""
-    preset = job_cfg.implicit_preset
-    return ImplicitStageConfig(
-        preset=preset if isinstance(preset, str) else DEFAULT_IMPLICIT_PRESET,
-        implicit_cfg=None if isinstance(preset, str) else preset,
-        output_size=tuple(job_cfg.implicit_size) if job_cfg.implicit_size else None,
-        gpus=None if job_cfg.implicit_gpus is None else float(job_cfg.implicit_gpus),
-        actors=int(job_cfg.implicit_actors),
-        cpus_per_actor=float(job_cfg.implicit_cpus),
-        seed=int(job_cfg.implicit_seed),
-    )

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from pipeline.cli import flag
 from pipeline.errors import ConfigError
 from pipeline.store.schema import FeatureStoreSchema, Status, to_store_dtype
 
-__all__ = ["Materializer", "run_materialize"]
+__all__ = ["MaterializeConfig", "Materializer", "run_materialize"]
 
 
 class Materializer:
@@ -97,29 +98,33 @@ class Materializer:
                     else np.asarray(v, dtype=np.int64)) for k, v in out.items()}
 
 
-def run_materialize(
-    source: str,
-    output: str,
-    *,
-    storage_options: dict[str, Any] | None = None,
-    rows_per_shard: int | None = None,
-    num_actors: int = 1,
-    actor_cpus: float = 1.0,
-    batch_size: int = 16,
-    torch_threads: int | None = None,
-    quiet: bool = False,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class MaterializeConfig:
+    """Settings of ``jobs/materialize.py`` (its flags are these fields); :func:`run_materialize` takes them as
+    keywords."""
+
+    source: str = flag(help="the on-read store (path or s3:// URI)")
+    output: str = flag(help="the materialized store to write (path or s3:// URI)")
+    rows_per_shard: int | None = flag(None, "target images per shard (default ~64 MiB)")
+    num_actors: int = flag(1, "materializer actors (one GPU each when present)")
+    actor_cpus: float = flag(1.0, "CPUs per CPU actor")
+    batch_size: int = flag(16, "rows per upsampler call")
+    torch_threads: int | None = flag(None, "torch threads per actor")
+    storage_options: dict[str, Any] | None = flag(None, "fsspec options as JSON", compare=False)
+    quiet: bool = flag(False, "print nothing")
+
+    def __post_init__(self) -> None:
+        for name in ("num_actors", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def run_materialize(cfg: MaterializeConfig) -> dict[str, Any]:
     """Turn an on-read store into a materialized one (or resume doing so).
 
     Args:
-        source: the on-read store (local path or ``s3://``).
-        output: the materialized store to write (local path or ``s3://``); rerunning resumes.
-        storage_options: fsspec options for both.
-        rows_per_shard: S of the target (default: derived from the ``hires`` row size, as featurize does).
-        num_actors / actor_cpus: materializer actors and the CPUs each reserves (a GPU each when the cluster has one).
-        batch_size: rows per upsampler call.
-        torch_threads: torch threads per actor.
-        quiet: print nothing.
+        cfg: source and output store (local or ``s3://``; rerunning resumes), the target S (default: derived from
+            the ``hires`` row size, as featurize does), actors, batch and threads (:class:`MaterializeConfig`).
 
     Returns:
         ``rows``, ``complete``, ``failed``, ``pending`` of the target, ``units_run``, ``units_skipped``, ``seconds``,
@@ -143,36 +148,36 @@ def run_materialize(
     from pipeline.store.sink import ZarrFeatureDatasink
 
     t0 = time.monotonic()
-    src = open_store(source, storage_options=storage_options)
+    src = open_store(cfg.source, storage_options=cfg.storage_options)
     attrs = read_attrs(src)
     schema = FeatureStoreSchema.from_dict(attrs)
     if not schema.on_read:
-        raise ConfigError(f"store {source!r} is already materialized (it stores hires); nothing to do")
+        raise ConfigError(f"store {cfg.source!r} is already materialized (it stores hires); nothing to do")
     counts = status_counts(src)
     if counts["pending"]:
         raise ConfigError(
-            f"store {source!r} has {counts['pending']} pending rows; rerun its featurize job to finish it first"
+            f"store {cfg.source!r} has {counts['pending']} pending rows; rerun its featurize job to finish it first"
         )
-    load_store_upsampler(source, attrs, storage_options=storage_options)  # refuse a bad upsampler before any work
-    check_writable(output, storage_options)
+    load_store_upsampler(cfg.source, attrs, storage_options=cfg.storage_options)  # refuse a bad upsampler before any work
+    check_writable(cfg.output, cfg.storage_options)
     target = schema.materialized()
-    if rows_per_shard:
-        target = replace(target, rows_per_shard=int(rows_per_shard))
+    if cfg.rows_per_shard:
+        target = replace(target, rows_per_shard=int(cfg.rows_per_shard))
     keys = attrs.get("settings_keys") or []
     if not keys:
-        raise ConfigError(f"store {source!r} does not record its settings_keys (made by an older version); featurize "
+        raise ConfigError(f"store {cfg.source!r} does not record its settings_keys (made by an older version); featurize "
                           "again with --hires materialized")
     settings = {k: attrs.get(k) for k in keys}
-    existing = check_store(output, target, settings, storage_options=storage_options)  # refuses other settings
+    existing = check_store(cfg.output, target, settings, storage_options=cfg.storage_options)  # refuses other settings
     resumed = existing is not None
     todo = pending_shards(existing) if resumed else list(range(target.num_shards))
     # the featurize plan's sink creates (or validates) the target on the driver, then writes whole shards
     sink = ZarrFeatureDatasink(
-        output, target, settings, storage_options=storage_options,
-        extra_attrs={"pca": attrs.get("pca"), "settings_keys": keys, "materialized_from": source},
+        cfg.output, target, settings, storage_options=cfg.storage_options,
+        extra_attrs={"pca": attrs.get("pca"), "settings_keys": keys, "materialized_from": cfg.source},
     )
-    if not quiet:
-        print(f"materialize: {source} -> {output}: {len(todo)} of {target.num_shards} shards to write "
+    if not cfg.quiet:
+        print(f"materialize: {cfg.source} -> {cfg.output}: {len(todo)} of {target.num_shards} shards to write "
               f"({target.rows_per_shard} rows per shard)", flush=True)
     if not todo:
         sink.on_write_start()
@@ -182,15 +187,15 @@ def run_materialize(
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": actor_cpus}
+        resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": cfg.actor_cpus}
         ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(
             Materializer,
-            fn_constructor_kwargs=dict(source=source, target_rows_per_shard=target.rows_per_shard,
-                                       storage_options=storage_options, batch_size=batch_size,
-                                       torch_threads=torch_threads),
-            batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=min(num_actors, gpus) if gpus
-                                                                          else num_actors),
+            fn_constructor_kwargs=dict(source=cfg.source, target_rows_per_shard=target.rows_per_shard,
+                                       storage_options=cfg.storage_options, batch_size=cfg.batch_size,
+                                       torch_threads=cfg.torch_threads),
+            batch_size=1, batch_format="numpy", compute=ActorPoolStrategy(size=min(cfg.num_actors, gpus) if gpus
+                                                                          else cfg.num_actors),
             **resources,
         )
         try:
@@ -198,11 +203,11 @@ def run_materialize(
         except PlanFailed:
             raise
         except Exception as exc:
-            raise PlanFailed(_one_line(output, exc)) from exc
-    done = status_counts(open_store(output, storage_options=storage_options))
+            raise PlanFailed(_one_line(cfg.output, exc)) from exc
+    done = status_counts(open_store(cfg.output, storage_options=cfg.storage_options))
     result = {"rows": target.n_rows, **done, "units_run": len(todo), "units_skipped": target.num_shards - len(todo),
-              "seconds": round(time.monotonic() - t0, 2), "store": output, "resumed": resumed}
-    if not quiet:
+              "seconds": round(time.monotonic() - t0, 2), "store": cfg.output, "resumed": resumed}
+    if not cfg.quiet:
         print(f"materialize: done: {done['complete']} complete, {done['failed']} failed, {done['pending']} pending",
               flush=True)
     return result

@@ -27,7 +27,6 @@ from pipeline.featurize.implicit import (
     ImplicitStageConfig,
     fitter_spec,
     implicit_units,
-    stage_config_from,
 )
 from pipeline.featurize.stages import DecodeSpec, ModelSpec, build_upsampler
 from pipeline.io.decode import MAX_PIXELS, read_and_decode
@@ -216,7 +215,7 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     stage = fitter = identity = None
     main_attrs = attrs or {**schema.to_dict(), **settings, "pca": pca}
     if cfg.implicit:
-        stage = stage_config_from(cfg)
+        stage = cfg.stage_config()
         identity = stage.fit_identity()
         check_implicit(main_attrs, existing.attrs.get(IMPLICIT_ATTRS_KEY) if existing is not None else None,
                        **identity)

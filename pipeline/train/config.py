@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from featup_ops.config import DownsamplerConfig, JBUConfig, JitterConfig, LossConfig, TrainConfig
+from pipeline.cli import flag
 from pipeline.errors import ConfigError
 from pipeline.io.storage import join
 
@@ -78,48 +79,69 @@ class TrainJobConfig:
         cache_images: keep each worker's decoded shard in memory after the first pass (uint8, 150 KB per 224 px
             image: COCO train2017 over 8 workers is ~2.2 GB each); False streams every epoch from storage.
         max_failures: worker-failure restarts from the last checkpoint (Ray Train ``FailureConfig``; -1 = no limit).
-        jbu / jitter / loss / downsampler: nested method configs.
+        fixup: FeatUp's kernel fix-up MLP in the JBU layers; None = ``jbu.fixup``; given, it sets ``jbu.fixup``.
+        address: the Ray cluster to join (None = ``RAY_ADDRESS`` or a local Ray).
+        jbu / jitter / loss / downsampler: nested method configs (not flags).
         storage_options: fsspec options for ``s3://`` input and output (endpoint, credentials).
     """
 
-    input: str
-    output: str
-    name: str = "jbu"
-    kind: str = "auto"
-    split: str | None = None
-    limit: int | None = None
-    val_images: int = 2
-    val_views: int = VAL_VIEWS
-    input_size: int = _METHOD.image_size
-    backbone: str = "efficientnet_lite0"
-    backbones: tuple[str, ...] = ()
-    weights: str | None = None
-    feature_agnostic: bool = True
-    steps: int = _METHOD.steps
-    batch_size: int = _METHOD.batch_size
-    lr: float = _METHOD.lr
-    jitters: int = _METHOD.n_jitters
-    proj_dim: int = _METHOD.projection_dim
-    grad_clip_steps: int = _METHOD.grad_clip_steps
-    grad_clip_norm: float = _METHOD.grad_clip_norm
-    seed: int = 0
-    checkpoint_every: int = _METHOD.ckpt_every
-    val_every: int = _METHOD.val_every
-    log_every: int = 10
-    keep_checkpoints: int | None = 3
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    decode_cpus: float = 0.5
-    cache_images: bool = True
-    max_failures: int = 0
+    input: str = flag(help="images: local folder / s3:// prefix, COCO root (with --split), tar shards or parquet "
+                      "files", group="data")
+    output: str = flag(help="storage path for checkpoints and metrics (local or s3://)", group="run")
+    name: str = flag("jbu", "run name; the same --output/--name resumes", group="run")
+    kind: Literal["auto", "coco", "folder", "tar", "parquet"] = flag("auto", "input kind (default: detect)", group="data")
+    split: str | None = flag(None, "COCO split, e.g. train2017", group="data")
+    limit: int | None = flag(None, "use only the first N images of the input", group="data")
+    val_images: int = flag(2, "hold out the last N images for validation", group="data")
+    val_views: int = flag(VAL_VIEWS, "fixed jittered views per held-out image at validation, the identity first",
+                          group="data")
+    input_size: int = flag(_METHOD.image_size, "square training crop in px, a multiple of the backbone stride",
+                           group="data")
+    backbone: str = flag("efficientnet_lite0", "backbone preset", group="model")
+    backbones: tuple[str, ...] = flag((), "several backbones for feature-agnostic training (one per step, "
+                                      "round-robin)", group="model")
+    weights: str | None = flag(None, "backbone weights: default/timm/packaged/random or a local or s3:// file",
+                               group="model")
+    feature_agnostic: bool = flag(True, "upsampler without the final channel mix, usable with any backbone "
+                                  "(default on)", group="model")
+    fixup: bool | None = flag(None, "FeatUp's kernel fix-up MLP in every JBU layer (default: the method's, on, as "
+                              "FeatUp's code trains it; off = normalised kernels only, which the fused inference "
+                              "kernel can run); sets jbu.fixup", group="model")
+    steps: int = flag(_METHOD.steps, "optimizer steps", group="optimisation (defaults: the method's)")
+    batch_size: int = flag(_METHOD.batch_size, "images per step per worker", group="optimisation (defaults: the method's)")
+    lr: float = flag(_METHOD.lr, "NAdam learning rate", group="optimisation (defaults: the method's)")
+    jitters: int = flag(_METHOD.n_jitters, "jittered views per image per step", group="optimisation (defaults: the method's)")
+    proj_dim: int = flag(_METHOD.projection_dim, "random projection dim of the features in the loss", group="optimisation (defaults: the method's)")
+    grad_clip_steps: int = flag(_METHOD.grad_clip_steps, "clip the gradient norm for the first N steps, FeatUp's "
+                                "warm-up (0 for very short runs)", group="optimisation (defaults: the method's)")
+    grad_clip_norm: float = flag(_METHOD.grad_clip_norm, "the gradient norm clipped to in those steps", group="optimisation (defaults: the method's)")
+    seed: int = flag(0, "initialisation and jitter seed", group="optimisation (defaults: the method's)")
+    checkpoint_every: int = flag(_METHOD.ckpt_every, "checkpoint interval in steps", group="run")
+    val_every: int = flag(_METHOD.val_every, "validation interval in steps", group="run")
+    log_every: int = flag(10, "console/CSV interval in steps", group="run")
+    keep_checkpoints: int | None = flag(3, "checkpoints kept in storage", group="run")
+    workers: int = flag(1, "Ray Train workers / DDP ranks", group="run")
+    use_gpu: bool = flag(False, "one GPU per worker (default: CPU workers with gloo)", group="run")
+    cpus_per_worker: float = flag(1.0, "CPUs per worker; leave some free for the decode tasks", group="run")
+    decode_cpus: float = flag(0.5, "CPUs per Ray Data decode task", group="run")
+    cache_images: bool = flag(True, "keep each worker's decoded shard in memory after the first epoch (default on)",
+                              group="data")
+    max_failures: int = flag(0, "restart failed workers from the last checkpoint this many times (-1: always)",
+                             group="run")
+    address: str | None = flag(None, "Ray address (default: RAY_ADDRESS or a local Ray)", group="run", compare=False)
     jbu: JBUConfig = field(default_factory=lambda: _METHOD.jbu)
     jitter: JitterConfig = field(default_factory=lambda: _METHOD.jitter)
     loss: LossConfig = field(default_factory=lambda: _METHOD.loss)
     downsampler: DownsamplerConfig = field(default_factory=lambda: _METHOD.downsampler)
-    storage_options: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    storage_options: dict[str, Any] | None = flag(
+        None, 'fsspec options for s3:// input/output as JSON, e.g. \'{"client_kwargs": {"endpoint_url": '
+        '"http://127.0.0.1:9000"}}\' (default: AWS_* environment variables)', group="run", compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.fixup is None:
+            object.__setattr__(self, "fixup", self.jbu.fixup)
+        elif self.fixup != self.jbu.fixup:
+            object.__setattr__(self, "jbu", dataclasses.replace(self.jbu, fixup=self.fixup))
         positive = {
             "steps": self.steps, "batch_size": self.batch_size, "jitters": self.jitters, "proj_dim": self.proj_dim,
             "checkpoint_every": self.checkpoint_every, "val_every": self.val_every, "log_every": self.log_every,
