@@ -21,6 +21,8 @@ _EXPORTS: dict[str, str] = {
     "BilinearUpsampler": "baselines",
     "ImplicitUpsampler": "implicit",
     "fit_implicit": "implicit",
+    "ImplicitFunctions": "implicit_function",
+    "fit_implicit_functions": "implicit_function",
     # training pieces
     "BlurDownsampler": "downsamplers",
     "AttentionDownsampler": "downsamplers",

@@ -46,13 +46,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from featup_ops.config import DEFAULT_IMPLICIT_PRESET, ImplicitConfig, implicit_preset
+from featup_ops.config import ImplicitConfig
 from featup_ops.downsamplers import AttentionDownsampler, _shared_mask, downsample_strides
 from featup_ops.errors import InputSizeError
 from featup_ops.jitter import Jitter, apply_jitter, sample_jitter
 from featup_ops.losses import UncertaintyHead, blur_pin_loss, gaussian_blur, gaussian_nll
 
-__all__ = ["ImplicitUpsampler", "fit_implicit", "fit_pca", "min_max_scale"]
+__all__ = ["ImplicitUpsampler", "fit_implicit", "fit_pca", "min_max_scale", "render_networks"]
 
 #: Bytes of Fourier features held at once when evaluating without gradients (rows are processed in blocks).
 EVAL_BLOCK_BYTES = 256 * 1024 * 1024
@@ -364,34 +364,15 @@ def fit_implicit(
     Returns:
         (N, C, Ho, Wo) float32 features (PCA-unprojected to the backbone's C channels).
     """
-    if cfg is None:
-        cfg = implicit_preset(DEFAULT_IMPLICIT_PRESET)
-    elif isinstance(cfg, str):
-        cfg = implicit_preset(cfg)
+    from featup_ops.implicit_function import fit_implicit_functions  # that module builds on this one
+
     out_size = _check_inputs(images, backbone, output_size)
     t0 = time.perf_counter()
-    n = images.shape[0]
-    gs = cfg.group_size or n
-    n_groups = -(-n // gs)
-    results, hist, mse_hist, steps = [], [], [], []
-    k_used, train_size, mode = cfg.proj_dim, out_size, "eager"
-    for gi, s in enumerate(range(0, n, gs)):
-        report = None
-        if progress is not None:
-            report = lambda done, active, base=gi * cfg.steps: progress(base + done, n_groups * cfg.steps, active)
-        feats, h1, h2, st, k_used, train_size, mode = _fit_group(
-            images[s : s + gs], backbone, cfg, out_size, seed, report
-        )
-        results.append(feats)
-        hist += h1
-        mse_hist += h2
-        steps += st
+    functions = fit_implicit_functions(images, backbone, cfg=cfg, seed=seed, info=info, progress=progress)
+    feats = functions.render(images, out_size)  # rendered per fitting group, as fitted
     if info is not None:
-        info.update(
-            seconds=time.perf_counter() - t0, steps=steps, loss_history=hist, mse_history=mse_hist, proj_dim=k_used,
-            train_size=train_size, step_mode=mode,
-        )
-    return torch.cat(results)
+        info["seconds"] = time.perf_counter() - t0
+    return feats
 
 
 @dataclass(frozen=True)
@@ -531,12 +512,12 @@ def _fit_group(
     images: torch.Tensor,
     backbone: nn.Module,
     cfg: ImplicitConfig,
-    out_size: tuple[int, int],
     seed: int,
     report: Callable[[int, int], None] | None,
-) -> tuple[torch.Tensor, list, list, list, int, tuple[int, int], str]:
-    """Fit one group of G images; returns (features (G, C, Ho, Wo), loss histories, MSE histories, steps per
-    image, k, train size, step mode)."""
+) -> tuple[ImplicitUpsampler, torch.Tensor, torch.Tensor, list, list, list, int, tuple[int, int], str]:
+    """Fit one group of G images; returns (the G networks in eval mode, PCA components (G, k, C), means (G, C),
+    loss histories, MSE histories, steps per image, k, train size, step mode); :func:`render_networks` reads
+    them out."""
     g = images.shape[0]
     dev = images.device
     size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -668,11 +649,33 @@ def _fit_group(
         for i, saved in snapshot.items():
             for p, s in zip(net.parameters(), saved):
                 p[i].copy_(s)
+    net.eval()
+    return net, comp, mean, loss_hist, mse_hist, stopped_at, k, plan.train_size, mode
+
+
+def render_networks(
+    net: ImplicitUpsampler, comp: torch.Tensor, mean: torch.Tensor, images: torch.Tensor,
+    output_size: tuple[int, int],
+) -> torch.Tensor:
+    """The readout of fitted networks: features of their images at any size (the fit's result, and a stored
+    function's value on read: the one piece of code both use).
+
+    Args:
+        net: G fitted networks (eval mode), on the images' device.
+        comp: (G, k, C) float32 per-image PCA components the networks predict coefficients of.
+        mean: (G, C) float32 per-image PCA mean.
+        images: (G, 3, H, W) normalised images, one per network.
+        output_size: (Ho, Wo), any positive size.
+
+    Returns:
+        (G, C, Ho, Wo) float32; bfloat16 autocast on CUDA as ``net.cfg.amp`` says, as in the fit.
+    """
+    with torch.no_grad():
         net.eval()
-        with _autocast(dev, cfg.amp):
-            z = net(images, out_size)  # (G, k, Ho, Wo)
+        with _autocast(images.device, net.cfg.amp):
+            z = net(images, output_size)  # (G, k, Ho, Wo)
         feats = torch.einsum("gkhw,gkc->gchw", z.float(), comp) + mean[:, :, None, None]
-    return feats.float(), loss_hist, mse_hist, stopped_at, k, plan.train_size, mode
+    return feats.float()
 
 
 def _capture(
