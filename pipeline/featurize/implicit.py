@@ -29,14 +29,14 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from featup_ops.config import DEFAULT_IMPLICIT_PRESET, ImplicitConfig
 from pipeline.cli import flag
 from pipeline.errors import ConfigError, StoreMismatchError
-from pipeline.store.schema import Status, to_store_dtype
+from pipeline.store.schema import IMPLICIT_STORE_AS, Status, to_store_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,6 +48,7 @@ __all__ = [
     "ImplicitFlags",
     "ImplicitStageConfig",
     "fit_pixels",
+    "fit_rows",
     "implicit_units",
     "run_fit_implicit",
 ]
@@ -78,6 +79,9 @@ class ImplicitStageConfig:
         torch_threads: torch intra-op threads of a CPU actor; None = ``ceil(cpus_per_actor)``.
         seed: fitting seed (the same for every image; the result of an image does not depend on its group).
         images_per_fit: images per ``fit_implicit`` call.
+        store_as: what the store keeps per row (``--implicit-store``): ``"array"`` the features at
+            ``output_size``; ``"function"`` the fitted network and its basis (``implicit_params``, with the
+            ``guidance`` image), rendered by readers at any size; ``"both"``.
     """
 
     preset: str = DEFAULT_IMPLICIT_PRESET
@@ -89,8 +93,11 @@ class ImplicitStageConfig:
     torch_threads: int | None = None
     seed: int = 0
     images_per_fit: int = DEFAULT_IMAGES_PER_FIT
+    store_as: str = "array"
 
     def __post_init__(self) -> None:
+        if self.store_as not in IMPLICIT_STORE_AS:
+            raise ConfigError(f"--implicit-store {self.store_as!r} is not one of {', '.join(IMPLICIT_STORE_AS)}")
         if self.output_size is not None:
             size = tuple(int(s) for s in self.output_size)
             if len(size) != 2 or min(size) < 1:
@@ -124,7 +131,7 @@ class ImplicitStageConfig:
         """What the store records about this fit (:func:`pipeline.store.implicit.add_implicit_arrays`' keywords)."""
         return {
             "preset": self.preset_label(), "config": self.fit_config(), "output_size": self.output_size,
-            "seed": self.seed,
+            "seed": self.seed, "store_as": self.store_as,
         }
 
     def preset_label(self) -> str:
@@ -151,6 +158,9 @@ class ImplicitFlags:
     implicit_cpus: float = flag(DEFAULT_CPUS_PER_ACTOR, "CPUs reserved per implicit actor")
     implicit_seed: int = flag(0, "implicit fitting seed")
     images_per_fit: int = flag(DEFAULT_IMAGES_PER_FIT, "images fitted together per implicit fit call")
+    implicit_store: Literal["array", "function", "both"] = flag(
+        "array", "keep the implicit features (array), each image's fitted network rendered on read at any size "
+        "(function, 40-75x smaller at 224^2), or both")
 
     def __post_init__(self) -> None:
         self.stage_config()  # validates every implicit flag, one message each, when the config is made
@@ -167,6 +177,7 @@ class ImplicitFlags:
             cpus_per_actor=float(self.implicit_cpus),
             seed=int(self.implicit_seed),
             images_per_fit=int(self.images_per_fit),
+            store_as=str(self.implicit_store),
         )
 
 
@@ -204,41 +215,68 @@ def fit_pixels(
     pca: dict[str, Any] | None = None,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> "torch.Tensor":
-    """Fit implicit features for decoded images (the model part of the stage; also used by the tests).
+    """Fit implicit features for decoded images: :func:`fit_rows` with ``store_as="array"``.
+
+    Returns:
+        ``(n, C, Hi, Wi) float32`` CPU tensor (C = k when ``pca`` is given).
+    """
+    feats, _ = fit_rows(pixels, backbone, cfg=cfg, output_size=output_size, seed=seed,
+                        images_per_fit=images_per_fit, pca=pca, progress=progress)
+    return feats
+
+
+def fit_rows(
+    pixels: np.ndarray,
+    backbone: "torch.nn.Module",
+    *,
+    cfg: Any,
+    output_size: tuple[int, int],
+    seed: int,
+    images_per_fit: int = DEFAULT_IMAGES_PER_FIT,
+    pca: dict[str, Any] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
+    store_as: str = "array",
+) -> "tuple[torch.Tensor | None, torch.Tensor | None]":
+    """Fit implicit networks to decoded images; what a store keeps of them (the model part of the stage; also used
+    by the tests).
 
     Args:
         pixels: ``(n, H, W, 3) uint8`` decoded images at the store's input size.
         backbone: ``featup_ops`` backbone; fitting runs on its device.
         cfg: ``featup_ops.ImplicitConfig``.
-        output_size: ``(Hi, Wi)``.
+        output_size: ``(Hi, Wi)`` of the features.
         seed: fitting seed.
-        images_per_fit: images per ``fit_implicit`` call.
+        images_per_fit: images per fitting call.
         pca: the store's PCA basis (``PCABasis.to_dict()``) or None.
         progress: called with ``(step_done, total_steps, active_images)`` after each fitting step of each
-            ``fit_implicit`` call (``featup_ops.fit_implicit``'s ``progress``).
+            call (``featup_ops.fit_implicit``'s ``progress``).
+        store_as: ``"array"``, ``"function"`` or ``"both"``.
 
     Returns:
-        ``(n, C, Hi, Wi) float32`` CPU tensor (C = k when ``pca`` is given).
+        ``(features, params)``: features ``(n, C, Hi, Wi) float32`` CPU tensor (``featup_ops.fit_implicit``'s
+        result, projected with ``pca``; C = k when ``pca`` is given), None when ``store_as == "function"``;
+        params ``(n, P) float32`` CPU tensor, each row's network and basis (``featup_ops.implicit_function``,
+        ``pca`` folded in), None when ``store_as == "array"``.
     """
     import torch
 
-    import featup_ops
-    from pipeline.io.decode import normalize
+    from featup_ops.implicit_function import fit_implicit_functions
     from featup_ops.pca import PCABasis, apply_pca
+    from pipeline.io.decode import normalize
 
     device = next(iter(backbone.parameters())).device
     basis = PCABasis.from_dict(pca) if pca else None
-    out = []
+    feats, params = [], []
     for i in range(0, len(pixels), images_per_fit):
         images = normalize(np.asarray(pixels[i : i + images_per_fit]), backbone.mean, backbone.std).to(device)
-        feats = featup_ops.fit_implicit(
-            images, backbone, cfg=cfg, output_size=tuple(output_size), seed=seed, progress=progress
-        )
-        feats = feats.detach().float()
-        if basis is not None:
-            feats = apply_pca(feats, basis)
-        out.append(feats.cpu())
-    return torch.cat(out)
+        fns = fit_implicit_functions(images, backbone, cfg=cfg, seed=seed, progress=progress)
+        if store_as != "function":  # exactly what featup_ops.fit_implicit returns
+            f = fns.render(images, tuple(output_size))
+            feats.append((apply_pca(f, basis) if basis is not None else f).cpu())
+        if store_as != "array":
+            params.append((fns.project(torch.as_tensor(basis.mean), torch.as_tensor(basis.components))
+                           if basis is not None else fns).params)
+    return (torch.cat(feats) if feats else None), (torch.cat(params) if params else None)
 
 
 @dataclass(frozen=True)
@@ -258,6 +296,10 @@ class FitterSpec:
         torch_threads: torch threads of a CPU actor.
         heartbeat_s: seconds between heartbeat rows while fitting.
         storage_options: fsspec options for weights URIs.
+        store_as: ``"array"``, ``"function"`` or ``"both"`` (:class:`ImplicitStageConfig`).
+        function_size: P, floats per row of ``implicit_params`` (0 for ``"array"``).
+        guidance: emit each fitted row's image (``implicit_guidance``) for the store's ``guidance`` array (functions
+            in a store that lacks it, i.e. not on-read).
     """
 
     backbone: str
@@ -273,6 +315,9 @@ class FitterSpec:
     torch_threads: int
     heartbeat_s: float
     storage_options: dict[str, Any] | None = field(default=None, hash=False)
+    store_as: str = "array"
+    function_size: int = 0
+    guidance: bool = False
 
 
 class ImplicitFitter:
@@ -281,8 +326,9 @@ class ImplicitFitter:
     Input rows are units from :func:`pipeline.featurize.stages.decode_units` (through the featurizer, which passes
     ``pixels`` and ``ok`` on): ``meta`` names the unit's ``rows`` (all rows of its shard, or the chosen rows) and
     the ``fit_rows`` among them still lacking implicit features. Each unit comes out as one row with the input's
-    columns (less ``pixels`` and ``ok``) plus ``implicit (S, C, Hi, Wi)`` and ``implicit_status (S,)`` for the fitted
-    rows in order (``meta["implicit_rows"]``, reasons in ``meta["implicit_error"]``); rows that failed to decode or
+    columns (less ``pixels`` and ``ok``) plus ``implicit (S, C, Hi, Wi)`` (``store_as`` array or both),
+    ``implicit_params (S, P) float32`` (function or both), ``implicit_guidance (S, H, W, 3) uint8`` (functions in
+    a store without ``guidance``) and ``implicit_status (S,)`` for the fitted rows in order (``meta["implicit_rows"]``, reasons in ``meta["implicit_error"]``); rows that failed to decode or
     to fit are failed rows with their reason. While a unit is fitted, an empty heartbeat row (no ``shard``) is
     yielded every ``heartbeat_s`` seconds.
 
@@ -321,9 +367,10 @@ class ImplicitFitter:
         def progress(step: int, total: int, active: int) -> None:
             self._report(step=int(step), total=int(total), active=int(active), images=n_rows)
 
-        return fit_pixels(
+        return fit_rows(
             pixels, self.backbone, cfg=self.spec.fit, output_size=self.spec.output_size, seed=self.spec.seed,
             images_per_fit=self.spec.images_per_fit, pca=self.spec.pca, progress=progress,
+            store_as=self.spec.store_as,
         )
 
     def _fit_with_heartbeats(self, pixels: np.ndarray) -> Iterator[Any]:
@@ -361,13 +408,13 @@ class ImplicitFitter:
             shard = int(batch["shard"][u])
             rows = meta.get("rows") or list(range(shard * s, shard * s + n))
             where = {int(r): i for i, r in enumerate(rows)}
-            fit_rows = sorted(int(r) for r in meta.get("fit_rows", rows))
-            idx = np.asarray([where[r] for r in fit_rows], dtype=np.int64)
+            todo = sorted(int(r) for r in meta.get("fit_rows", rows))
+            idx = np.asarray([where[r] for r in todo], dtype=np.int64)
             decode_errors = meta.get("error") or [""] * n
             ok = ok_all[u][idx] if idx.size else np.zeros(0, bool)
             status = np.where(ok, Status.COMPLETE, Status.FAILED).astype(np.uint8)
             reasons = ["" if k else (decode_errors[i] or "image could not be decoded") for k, i in zip(ok, idx)]
-            feats = None
+            parts: dict[str, np.ndarray] = {}  # the unit's stored columns, S rows each (fitted rows in order)
             good = np.flatnonzero(ok)
             if good.size:
                 try:
@@ -379,22 +426,32 @@ class ImplicitFitter:
                     for i in good:
                         status[i], reasons[i] = Status.FAILED, reason
                 else:
-                    finite = np.isfinite(fitted.reshape(len(good), -1).numpy()).all(axis=1)
-                    stored = to_store_dtype(fitted, self.spec.dtype)
-                    feats = np.zeros((s, *stored.shape[1:]), dtype=stored.dtype)
-                    feats[good] = stored
+                    feats, params = fitted
+                    finite = np.ones(len(good), bool)
+                    for name, values in (("implicit", feats), ("implicit_params", params)):
+                        if values is None:
+                            continue
+                        finite &= np.isfinite(values.reshape(len(good), -1).numpy()).all(axis=1)
+                        stored = to_store_dtype(values, self.spec.dtype) if name == "implicit" else values.numpy()
+                        parts[name] = np.zeros((s, *stored.shape[1:]), dtype=stored.dtype)
+                        parts[name][good] = stored
                     for i in good[~finite]:
                         status[i], reasons[i] = Status.FAILED, "implicit fit gave non-finite features"
-            if feats is None:
+            if self.spec.store_as != "function" and "implicit" not in parts:
                 dt = np.uint16 if self.spec.dtype == "bfloat16" else np.dtype(self.spec.dtype)
-                feats = np.zeros((s, c, hi, wi), dtype=dt)
+                parts["implicit"] = np.zeros((s, c, hi, wi), dtype=dt)
+            if self.spec.store_as != "array" and "implicit_params" not in parts:
+                parts["implicit_params"] = np.zeros((s, self.spec.function_size), dtype=np.float32)
+            if self.spec.guidance:  # the colour the stored networks read, for the store's guidance array
+                parts["implicit_guidance"] = np.zeros_like(pixels_all[u])
+                parts["implicit_guidance"][: len(idx)] = pixels_all[u][idx]
             padded = np.zeros(s, dtype=np.uint8)
             padded[: len(status)] = status
             out = {k: np.asarray(v)[u : u + 1] for k, v in keep.items() if k != "meta"}
             out["meta"] = np.asarray(
-                [json.dumps({**meta, "implicit_rows": fit_rows, "implicit_error": reasons})], dtype=object
+                [json.dumps({**meta, "implicit_rows": todo, "implicit_error": reasons})], dtype=object
             )
-            out["implicit"] = feats[None]
+            out.update({name: values[None] for name, values in parts.items()})
             out["implicit_status"] = padded[None]
             yield out
 
@@ -433,12 +490,16 @@ def fitter_spec(
 ) -> FitterSpec:
     """The :class:`FitterSpec` of a stage over a store with main attributes ``attrs`` (existing or about to be
     created); ``use_gpu`` is None when ``stage.gpus`` is (the plan decides from the cluster)."""
+    from pipeline.store.implicit import function_layout_of
+
     return FitterSpec(
         backbone=str(attrs["backbone"]), weights=weights, weights_hash=str(attrs.get("weights_hash") or ""),
         fit=stage.fit_config(), seed=stage.seed, images_per_fit=stage.images_per_fit,
         output_size=tuple(stage.output_size or attrs["output_size"]), pca=attrs.get("pca"), dtype=str(attrs["dtype"]),
         use_gpu=None if stage.gpus is None else stage.gpus > 0, torch_threads=stage.torch_threads or max(1, math.ceil(stage.cpus_per_actor)),
-        heartbeat_s=heartbeat_seconds(), storage_options=storage_options,
+        heartbeat_s=heartbeat_seconds(), storage_options=storage_options, store_as=stage.store_as,
+        function_size=0 if stage.store_as == "array" else function_layout_of(attrs, stage.fit_config()).size,
+        guidance=stage.store_as != "array" and attrs.get("hires_mode") != "on-read",
     )
 
 

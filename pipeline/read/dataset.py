@@ -112,8 +112,10 @@ class FeatureDataset(Dataset):
             ``"skip"`` leaves it out of the batch read by :meth:`__getitems__` (the DataLoader path) with a
             warning and counts it in :attr:`damaged_rows` (a single :meth:`__getitem__` still raises).
         device: where items' features live. For ``"hires"`` of an on-read (compact) store, also where the stored
-            upsampler runs (``"cuda"``: batched on the GPU of the consuming process; use ``num_workers=0``).
-        size: ``(Ho, Wo)`` (or one side) of ``"hires"`` of an on-read store; None = the store's output size.
+            upsampler runs; for ``"implicit"`` of a store keeping implicit functions, where the networks are
+            rendered (``"cuda"``: batched on the GPU of the consuming process; use ``num_workers=0``).
+        size: ``(Ho, Wo)`` (or one side) of ``"hires"`` of an on-read store, or of ``"implicit"`` of a store
+            keeping implicit functions (``--implicit-store function|both``); None = the store's size.
 
     Items: ``{"features": (C', H', W') float32, "row": int, "image_id": str[, "label": (Hl, Wl)]}``, the same from a
     materialized and an on-read store made with the same settings (within the store dtype's rounding).
@@ -157,8 +159,8 @@ class FeatureDataset(Dataset):
             raise StoreError(f"store {self.store} has no {array!r} array; featurize with the option that writes it")
         arr = group["lowres" if self._on_read is not None else array]
         self.array_shape: tuple[int, ...] = tuple(int(s) for s in arr.shape)
-        if self._on_read is not None:
-            self.array_shape = (self.array_shape[0], self.array_shape[1], *self._on_read.size)
+        if self._on_read is not None:  # produced on read: its own shape
+            self.array_shape = tuple(int(s) for s in self._on_read.array_shape)
         self._bfloat16 = self.attrs.get("dtype") == "bfloat16"
         self.rows_per_shard = int(self.attrs.get("rows_per_shard") or (arr.shards or arr.chunks)[0])
         done = np.asarray(complete_rows(group), dtype=np.int64)
@@ -322,9 +324,7 @@ class FeatureDataset(Dataset):
         per read; the caller copies out (the float32 conversion does). Valid until this thread's next read.
         """
         if self._on_read is not None:  # (n, C', H', W') float32 tensor on the device, computed from compact arrays
-            from pipeline.read.on_read import read_on_read
-
-            return read_on_read(self, start, stop)
+            return self._on_read.read(self, start, stop)
         arr = self._array()
         n = stop - start
         shape = (n, self.num_channels, self._ys.stop - self._ys.start, self._xs.stop - self._xs.start)
@@ -387,10 +387,10 @@ class FeatureDataset(Dataset):
         from pipeline.store.checksum import damage_error
 
         arr = self._array() if self._on_read is None else None
-        if arr is None:  # on-read: the damaged chunk is in one of the compact arrays (lowres / guidance)
+        if arr is None:  # on-read: the damaged chunk is in one of the arrays it is computed from
             from pipeline.store import open_store
 
-            arr = open_store(self.store, mode="r", storage_options=self.storage_options)["lowres"]
+            arr = open_store(self.store, mode="r", storage_options=self.storage_options)[self._on_read.damage_array]
         return damage_error(self.store, arr, row, self.rows_per_shard, cause)
 
     def _as_tensor(self, block: np.ndarray) -> torch.Tensor:
@@ -572,7 +572,8 @@ def describe(store: str, *, storage_options: dict[str, Any] | None = None) -> st
     from pipeline.read.on_read import is_on_read
 
     on_read = is_on_read(dict(group.attrs.get("featup", {})))  # hires produced on read (compact store)
-    names = [a for a in FEATURE_ARRAYS if a in group or (a == "hires" and on_read)]
+    names = [a for a in FEATURE_ARRAYS
+             if a in group or (a == "hires" and on_read) or (a == "implicit" and "implicit_params" in group)]
     for name in names:
         ds = FeatureDataset(store, name, storage_options=storage_options)
         c, h, w = ds.item_shape

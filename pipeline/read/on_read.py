@@ -144,10 +144,22 @@ class OnReadHires:
         self._up_device = "cpu"
         self._pid: int | None = os.getpid()
 
+    #: FeatureDataset names this array when a chunk fails its checksum.
+    damage_array = "lowres"
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_up"], state["_pid"], state["_up_device"] = None, None, "cpu"
         return state
+
+    @property
+    def array_shape(self) -> tuple[int, int, int, int]:
+        """``(N, C, Ho, Wo)`` of the ``hires`` this produces."""
+        return (self.schema.n_rows, self.schema.channels, *self.size)
+
+    def read(self, dataset: Any, start: int, stop: int) -> Any:
+        """Rows ``[start, stop)`` for a dataset: :func:`read_on_read`."""
+        return read_on_read(dataset, start, stop)
 
     def upsampler(self) -> Any:
         """This process's upsampler on :attr:`device` (loaded from the store on first use after a fork/unpickle)."""
@@ -173,13 +185,20 @@ class OnReadHires:
 # ------------------------------------------------------------------------------------ FeatureDataset hooks
 
 
-def open_on_read(dataset: Any, group: Any, array: str, size: int | tuple[int, int] | None) -> "OnReadHires | None":
-    """For :class:`pipeline.read.dataset.FeatureDataset`: an :class:`OnReadHires` when ``array`` is ``"hires"`` of an
-    on-read store, else None (``size`` is then refused: a stored array has one size)."""
+def open_on_read(dataset: Any, group: Any, array: str, size: int | tuple[int, int] | None) -> Any:
+    """For :class:`pipeline.read.dataset.FeatureDataset`: what produces its rows on read, or None when they are read
+    as stored (``size`` is then refused: a stored array has one size). An :class:`OnReadHires` for ``"hires"`` of an
+    on-read store; a :class:`pipeline.read.implicit_function.OnReadImplicit` for ``"implicit"`` of a store that
+    keeps implicit functions. Either has ``array_shape``, ``read(dataset, start, stop)`` (a float32 tensor on the
+    device), ``channel_agnostic`` and ``damage_array``."""
     if array == "hires" and is_on_read(dataset.attrs):
         return OnReadHires(
             dataset.store, dataset.attrs, storage_options=dataset.storage_options, device=dataset.device, size=size
         )
+    if array == "implicit":
+        from pipeline.read.implicit_function import open_implicit_function
+
+        return open_implicit_function(dataset, group, size)
     if size is not None:
         raise ConfigError(
             f"size={size} needs hires of an on-read store (featurize with --hires on-read); the stored {array!r} "

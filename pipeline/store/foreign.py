@@ -40,7 +40,8 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "lowres": ("row", "channel", "lowres_y", "lowres_x"),
     "hires": ("row", "channel", "y", "x"),
     "implicit": ("row", "channel", "implicit_y", "implicit_x"),
-    "guidance": ("row", "input_y", "input_x", "rgb"),  # on-read stores: the uint8 input image
+    "guidance": ("row", "input_y", "input_x", "rgb"),  # on-read stores, implicit functions: the uint8 input image
+    "implicit_params": ("row", "implicit_param"),  # implicit functions: each row's network and basis
 }
 #: Where the Parquet copy of the string columns lives inside the store (one file per shard).
 ROWS_PATH: str = "rows/parquet"

@@ -7,6 +7,11 @@ Arrays (row-aligned with the manifest, like every other array):
 * ``implicit_error (N,) str``: why a row's fit failed (``""`` otherwise); chunk ``rows_per_shard`` rows.
 * ``implicit_status (N,) uint8``: :class:`pipeline.store.schema.Status` per row; written LAST for each unit, so a
   row's implicit features are complete only when ``implicit_status == Status.COMPLETE``.
+* ``--implicit-store function`` (or ``both``): ``implicit_params (N, P) float32``, each row's fitted network and
+  basis (``featup_ops.implicit_function``; P from the recorded ``ImplicitConfig``, see :func:`function_layout_of`),
+  folded onto the store's PCA basis when it has one, plus ``guidance (N, Hin, Win, 3) uint8`` (the colour the
+  networks read; an on-read store has it already). Readers render ``implicit`` from them at any size
+  (:mod:`pipeline.read.implicit_function`). ``function`` stores no ``implicit`` array; ``both`` stores both.
 
 The settings that change the implicit bytes are recorded in the group attrs under :data:`ATTRS_KEY` (kept apart
 from the main ``featup`` attrs, so adding implicit features never changes the main store's fingerprint). Filling a
@@ -25,7 +30,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.store.foreign import array_kwargs
-from pipeline.store.schema import FeatureStoreSchema, Status
+from pipeline.store.schema import IMPLICIT_STORE_AS, FeatureStoreSchema, Status
 from pipeline.store.zarr_store import code_version, complete_rows, read_attrs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,6 +41,9 @@ __all__ = [
     "IMPLICIT",
     "IMPLICIT_ERROR",
     "IMPLICIT_STATUS",
+    "IMPLICIT_PARAMS",
+    "function_layout_of",
+    "implicit_config_of",
     "add_implicit_arrays",
     "check_implicit",
     "implicit_settings",
@@ -44,6 +52,7 @@ __all__ = [
 ]
 
 IMPLICIT, IMPLICIT_ERROR, IMPLICIT_STATUS = "implicit", "implicit_error", "implicit_status"
+IMPLICIT_PARAMS, GUIDANCE = "implicit_params", "guidance"
 """Names of the arrays :meth:`pipeline.store.schema.FeatureStoreSchema.implicit_arrays` declares."""
 ATTRS_KEY = "featup_implicit"
 """Group attrs key holding the implicit settings (not fingerprinted by the main store)."""
@@ -69,8 +78,26 @@ def _hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(_jsonable(value), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def function_layout_of(attrs: dict[str, Any], config: Any) -> Any:
+    """The ``featup_ops.implicit_function.FunctionLayout`` of the functions a fit with ``config`` stores on a store
+    with main attributes ``attrs``: k = ``min(proj_dim, backbone channels)`` coefficients of the store's channels
+    (the PCA basis folded in when the store has one)."""
+    from featup_ops.implicit_function import function_layout
+
+    backbone_channels = len(attrs["pca"]["mean"]) if attrs.get("pca") else int(attrs["channels"])
+    return function_layout(config, min(int(config.proj_dim), backbone_channels), int(attrs["channels"]))
+
+
+def implicit_config_of(recorded: dict[str, Any]) -> Any:
+    """The ``featup_ops.ImplicitConfig`` recorded in a store's :data:`ATTRS_KEY` attributes."""
+    from featup_ops.config import ImplicitConfig
+
+    return ImplicitConfig.from_dict(recorded["config"])
+
+
 def implicit_settings(
-    attrs: dict[str, Any], *, preset: str, config: Any, output_size: tuple[int, int] | None, seed: int
+    attrs: dict[str, Any], *, preset: str, config: Any, output_size: tuple[int, int] | None, seed: int,
+    store_as: str = "array",
 ) -> dict[str, Any]:
     """The implicit settings to record on this store for a fit (JSON-able).
 
@@ -79,9 +106,13 @@ def implicit_settings(
         config: the ``featup_ops.ImplicitConfig`` fitted with.
         output_size: ``(Hi, Wi)``; None = the store's hires output size.
         seed: the fitting seed.
+        store_as: ``"array"``, ``"function"`` or ``"both"`` (:data:`pipeline.store.schema.IMPLICIT_STORE_AS`);
+            recorded (with ``function_size``, ``function_k``) only when not ``"array"``, so array stores keep
+            the fingerprint they had before functions existed.
 
-    ``fingerprint`` hashes everything that changes the bytes of ``implicit``: the fit config, output size, seed,
-    backbone and weights, input size and resize policy, channels, PCA basis and dtype.
+    ``fingerprint`` hashes everything that changes the bytes of ``implicit`` (or of ``implicit_params``): the fit
+    config, output size, seed, backbone and weights, input size and resize policy, channels, PCA basis, dtype and
+    what is stored.
     """
     out = output_size or tuple(int(s) for s in attrs["output_size"])
     settings: dict[str, Any] = {
@@ -98,6 +129,11 @@ def implicit_settings(
         "pca_hash": None if attrs.get("pca") is None else _hash(attrs["pca"]),
         "dtype": attrs["dtype"],
     }
+    if store_as not in IMPLICIT_STORE_AS:
+        raise ConfigError(f"--implicit-store {store_as!r} is not one of {', '.join(IMPLICIT_STORE_AS)}")
+    if store_as != "array":
+        layout = function_layout_of(attrs, config)
+        settings.update(store_as=store_as, function_size=layout.size, function_k=layout.k)
     settings["fingerprint"] = _hash(settings)
     settings["code_version"] = code_version()
     settings["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -115,6 +151,7 @@ def check_implicit(
     config: Any,
     output_size: tuple[int, int] | None,
     seed: int,
+    store_as: str = "array",
 ) -> dict[str, Any]:
     """The settings a fit would record on a store with main attributes ``attrs``, refused with one line when the
     store already records others (``recorded``: its :data:`ATTRS_KEY` attributes, or None). Changes nothing.
@@ -122,7 +159,8 @@ def check_implicit(
     Raises:
         StoreMismatchError: the store already holds implicit features made with other settings.
     """
-    settings = implicit_settings(attrs, preset=preset, config=config, output_size=output_size, seed=seed)
+    settings = implicit_settings(attrs, preset=preset, config=config, output_size=output_size, seed=seed,
+                                 store_as=store_as)
     if recorded is not None and recorded.get("fingerprint") != settings["fingerprint"]:
         diff = [
             f"{k}: {json.dumps(recorded.get(k))[:40]} -> {json.dumps(settings[k])[:40]}"
@@ -137,7 +175,8 @@ def check_implicit(
 
 
 def add_implicit_arrays(
-    group: "zarr.Group", *, preset: str, config: Any, output_size: tuple[int, int] | None, seed: int
+    group: "zarr.Group", *, preset: str, config: Any, output_size: tuple[int, int] | None, seed: int,
+    store_as: str = "array",
 ) -> dict[str, Any]:
     """Add ``implicit``, ``implicit_error`` and ``implicit_status`` to a store (idempotent) and record the settings.
 
@@ -147,7 +186,7 @@ def add_implicit_arrays(
 
     Args:
         group: the store, opened writable (``pipeline.store.open_store(uri, mode="r+")``).
-        preset / config / output_size / seed: what the fit is (see :func:`implicit_settings`).
+        preset / config / output_size / seed / store_as: what the fit is and keeps (see :func:`implicit_settings`).
 
     Returns:
         The recorded settings (see :func:`implicit_settings`).
@@ -157,10 +196,13 @@ def add_implicit_arrays(
     """
     attrs = read_attrs(group)
     recorded = group.attrs.get(ATTRS_KEY)
-    settings = check_implicit(attrs, recorded, preset=preset, config=config, output_size=output_size, seed=seed)
+    settings = check_implicit(attrs, recorded, preset=preset, config=config, output_size=output_size, seed=seed,
+                              store_as=store_as)
     schema = FeatureStoreSchema.from_dict(attrs)
     have = set(group.array_keys())
-    for name, spec in schema.implicit_arrays(settings["output_size"]).items():  # implicit_status last
+    specs = schema.implicit_arrays(settings["output_size"], store_as=store_as,
+                                   function_size=settings.get("function_size"), input_size=attrs["input_size"])
+    for name, spec in specs.items():  # implicit_status last
         if name in have:
             if tuple(group[name].shape) != spec.shape:
                 raise StoreMismatchError(
@@ -232,8 +274,12 @@ def write_implicit_rows(
     feats: np.ndarray | None,
     status: np.ndarray,
     errors: Sequence[str],
+    *,
+    params: np.ndarray | None = None,
+    guidance: np.ndarray | None = None,
 ) -> None:
-    """Write one unit's implicit rows: features of complete rows, then reasons, then ``implicit_status`` last.
+    """Write one unit's implicit rows: features (and/or functions) of complete rows, then reasons, then
+    ``implicit_status`` last.
 
     Each contiguous run of rows is one region write; a run that does not cover its whole shard is a
     read-modify-write of that shard object (atomic on local disk and S3), safe because a unit is the shard's only
@@ -246,14 +292,19 @@ def write_implicit_rows(
             written), or None when no row is complete.
         status: ``(n,) uint8`` COMPLETE or FAILED per row.
         errors: ``n`` reasons (``""`` for complete rows).
+        params: ``(n, P) float32`` the rows' functions (``implicit_params``), or None.
+        guidance: ``(n, Hin, Win, 3) uint8`` the rows' images (``guidance``), or None (not stored, or an on-read
+            store whose main arrays hold it).
     """
     rows = np.asarray(rows, dtype=np.int64)
     status = np.asarray(status, dtype=np.uint8)
     ok = np.flatnonzero(status == Status.COMPLETE)
-    if feats is not None and ok.size:
-        arr = group[IMPLICIT]
+    for name, values in ((IMPLICIT, feats), (IMPLICIT_PARAMS, params), (GUIDANCE, guidance)):
+        if values is None or not ok.size:
+            continue
+        arr = group[name]
         for start, stop, off in _runs(rows[ok]):
-            arr[start:stop] = feats[ok[off : off + stop - start]]
+            arr[start:stop] = values[ok[off : off + stop - start]]
     errs = np.asarray([str(e) for e in errors], dtype=str)
     for start, stop, off in _runs(rows):
         group[IMPLICIT_ERROR][start:stop] = errs[off : off + stop - start]

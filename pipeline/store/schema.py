@@ -11,12 +11,15 @@ array              shape                chunk / shard         meaning
 ``valid_size``     ``(N, 2)`` int32     S rows                ``(h, w)`` of the image inside the input (``pad``)
 ``lowres``         ``(N, C, h, w)``     1 row / S rows        backbone features
 ``hires``          ``(N, C, H, W)``     1 row / S rows        upsampled features (materialized mode only)
-``guidance``       ``(N, Hi, Wi, 3)`` u8  1 row / S rows      on-read mode only: the decoded, resized input image
+``guidance``       ``(N, Hi, Wi, 3)`` u8  1 row / S rows      on-read mode and implicit functions: the input image
 ``error``          ``(N,)`` str         S rows                failure reason, ``""`` for good rows
 ``status``         ``(N,)`` uint8       S rows                :class:`Status` (pending, complete, failed); LAST
 ``implicit``       ``(N, C, Hi, Wi)``   1 row / S rows        optional per-image implicit features
 ``implicit_error`` ``(N,)`` str         S rows                optional; why a row's implicit fit failed
 ``implicit_status`` ``(N,)`` uint8      S rows                optional; :class:`Status` of ``implicit``; its LAST
+``implicit_params`` ``(N, P)`` f32      1 row / S rows        optional (``--implicit-store function|both``): each
+                                                              row's fitted implicit network + basis, rendered on
+                                                              read (with ``guidance``)
 =================  ===================  ====================  ======================================================
 
 Every array is declared once, by :meth:`FeatureStoreSchema.arrays` (the main arrays) and
@@ -68,6 +71,7 @@ __all__ = [
     "ArraySpec",
     "FeatureStoreSchema",
     "HIRES_MODES",
+    "IMPLICIT_STORE_AS",
     "Status",
     "pair",
     "rows_per_shard_for",
@@ -115,6 +119,9 @@ CODECS: dict[str, Any] = {
 DEFAULT_CODEC: str = "blosc-zstd"
 #: How ``hires`` is kept: stored (``materialized``) or produced by the reader from the compact arrays (``on-read``).
 HIRES_MODES: tuple[str, ...] = ("materialized", "on-read")
+#: What the implicit stage keeps per row: the features (``array``), the fitted network evaluated on read
+#: (``function``), or both.
+IMPLICIT_STORE_AS: tuple[str, ...] = ("array", "function", "both")
 
 
 class Status(IntEnum):
@@ -295,23 +302,60 @@ class FeatureStoreSchema:
         out = {name: self._per_row(str, "") for name in ("image_id", "uri", "error")}
         out.update({name: self._per_row("int32", 0, 2) for name in ("orig_size", "valid_size")})
         out.update({name: self._feature(shape) for name, shape in self.feature_arrays().items()})
-        if self.on_read:  # compact store: the guidance image, chunked and sharded like a feature array, lossless
-            rows = min(self.n_rows, self.rows_per_shard)
-            row = (*self.input_size, 3)
-            out["guidance"] = ArraySpec(shape=(self.n_rows, *row), chunks=(1, *row), shards=(rows, *row),
-                                        dtype="uint8", fill_value=0, codec=self.codec)
+        if self.on_read:  # compact store: the guidance image
+            out["guidance"] = self.guidance_array()
         out["status"] = self._per_row("uint8", int(Status.PENDING))
         return out
 
-    def implicit_arrays(self, size: tuple[int, int]) -> dict[str, ArraySpec]:
-        """The implicit arrays for features of ``size = (Hi, Wi)``, in creation order (``implicit_status`` last):
-        ``implicit`` with the dtype, codec and sharding of ``hires``; ``implicit_error``; ``implicit_status``."""
+    def guidance_array(self, input_size: tuple[int, int] | None = None) -> ArraySpec:
+        """``guidance (N, Hin, Win, 3) uint8``: the decoded, resized input image, chunked and sharded like a feature
+        array, lossless (the store's codec). Kept by on-read stores (for ``hires``) and by implicit-function stores
+        (the colour the implicit networks read); ``input_size`` defaults to the schema's."""
+        rows = min(self.n_rows, self.rows_per_shard)
+        row = (*pair(input_size or self.input_size, "input_size"), 3)
+        return ArraySpec(shape=(self.n_rows, *row), chunks=(1, *row), shards=(rows, *row), dtype="uint8",
+                         fill_value=0, codec=self.codec)
+
+    def implicit_arrays(
+        self,
+        size: tuple[int, int],
+        *,
+        store_as: str = "array",
+        function_size: int | None = None,
+        input_size: tuple[int, int] | None = None,
+    ) -> dict[str, ArraySpec]:
+        """The implicit arrays, in creation order (``implicit_status`` last).
+
+        Args:
+            size: ``(Hi, Wi)`` of the ``implicit`` features (stored, or the functions' default render size).
+            store_as: one of :data:`IMPLICIT_STORE_AS`: ``"array"`` = ``implicit`` with the dtype, codec and
+                sharding of ``hires``; ``"function"`` = ``implicit_params (N, P) float32`` (each row's fitted
+                network and basis, sharded like a feature array, the store's codec) plus :meth:`guidance_array`
+                unless the store already has it (on-read); ``"both"`` = all of them.
+            function_size: P, floats per row (``featup_ops.implicit_function.function_layout(...).size``); needed
+                unless ``store_as == "array"``.
+            input_size: ``(Hin, Win)`` of the guidance image (the store's input size).
+
+        Then ``implicit_error`` and ``implicit_status``.
+        """
         hi, wi = pair(size, "implicit_size")
-        return {
-            "implicit": self._feature((self.channels, hi, wi)),
-            "implicit_error": self._per_row(str, ""),
-            "implicit_status": self._per_row("uint8", int(Status.PENDING)),
-        }
+        if store_as not in IMPLICIT_STORE_AS:
+            raise ConfigError(f"--implicit-store {store_as!r} is not one of {', '.join(IMPLICIT_STORE_AS)}")
+        out: dict[str, ArraySpec] = {}
+        if store_as in ("array", "both"):
+            out["implicit"] = self._feature((self.channels, hi, wi))
+        if store_as in ("function", "both"):
+            if not function_size or function_size < 1:
+                raise StoreError(f"implicit functions need their length per row, got {function_size!r}")
+            rows = min(self.n_rows, self.rows_per_shard)
+            p = int(function_size)
+            out["implicit_params"] = ArraySpec(shape=(self.n_rows, p), chunks=(1, p), shards=(rows, p),
+                                               dtype="float32", fill_value=0, codec=self.codec)
+            if not self.on_read:  # an on-read store has it already (main arrays)
+                out["guidance"] = self.guidance_array(input_size)
+        out["implicit_error"] = self._per_row(str, "")
+        out["implicit_status"] = self._per_row("uint8", int(Status.PENDING))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -7,7 +7,8 @@ It follows Ray's sink lifecycle:
 - ``write`` (write tasks): each input row is one work unit = one whole shard (see :mod:`pipeline.featurize.stages`),
   so every shard has exactly one writer whatever way Ray groups rows into blocks and tasks. A unit carrying features
   is written with :func:`pipeline.store.zarr_store.write_shard` (``status`` last); a unit carrying implicit features
-  with :func:`pipeline.store.implicit.write_implicit_rows` (``implicit_status`` last); rows with neither (a fitter's
+  (``implicit`` and/or ``implicit_params`` + ``implicit_guidance``, as ``--implicit-store`` says) with
+  :func:`pipeline.store.implicit.write_implicit_rows` (``implicit_status`` last); rows with neither (a fitter's
   heartbeat) are skipped.
 - ``on_write_complete`` (driver): totals of the write tasks, kept in :attr:`result`.
 - ``on_write_failed`` (driver): keeps the error in :attr:`error`. Nothing needs undoing: a row counts only once its
@@ -98,9 +99,10 @@ class ZarrFeatureDatasink(Datasink[dict[str, Any]]):
                     rows = np.asarray(meta["implicit_rows"], dtype=np.int64)
                     status = np.asarray(unit["implicit_status"])[: len(rows)]
                     if len(rows):
-                        write_implicit_rows(
-                            group, rows, np.asarray(unit["implicit"])[: len(rows)], status, meta["implicit_error"]
-                        )
+                        part = {k: np.asarray(unit[k])[: len(rows)] if k in unit else None
+                                for k in ("implicit", "implicit_params", "implicit_guidance")}
+                        write_implicit_rows(group, rows, part["implicit"], status, meta["implicit_error"],
+                                            params=part["implicit_params"], guidance=part["implicit_guidance"])
                     out["fitted"] += int((status == Status.COMPLETE).sum())
                     out["fit_failed"] += int((status == Status.FAILED).sum())
                 out["units"] += 1
