@@ -163,9 +163,9 @@ def check_implicit(
                                  store_as=store_as)
     if recorded is not None and recorded.get("fingerprint") != settings["fingerprint"]:
         diff = [
-            f"{k}: {json.dumps(recorded.get(k))[:40]} -> {json.dumps(settings[k])[:40]}"
-            for k in sorted(settings)
-            if k not in _UNFINGERPRINTED and recorded.get(k) != settings[k]
+            f"{k}: {json.dumps(recorded.get(k))[:40]} -> {json.dumps(settings.get(k))[:40]}"
+            for k in sorted(set(settings) | set(recorded))  # a key only one side has differs too (store_as)
+            if k not in _UNFINGERPRINTED and recorded.get(k) != settings.get(k)
         ]
         raise StoreMismatchError(
             f"store already holds implicit features made with other settings ({'; '.join(diff[:3])}); rerun "
