@@ -14,6 +14,11 @@ Sections:
 3. **loader read throughput** (CPU): ``FeatureDataset.loader`` over both stores, images/s, best of 2 passes.
 4. **GPU** (only when CUDA is present): ``hires`` produced on read at 224^2, 384 channels, batch 64, images/s, for
    the fixed bilateral and a default (feature-agnostic) JBU upsampler; no Ray needed.
+5. **implicit: function vs array** (``--implicit-store``; ``--implicit-only`` runs just this, no Ray): bytes per
+   image of each at 224^2, fp16, 384 and 320 channels, the ``lite`` preset's network (64 coefficients), from the
+   store layout; then on disk, with the store's codecs, for one sample photo fitted with EfficientNet-Lite0
+   (random weights, 320 channels; the fit truncated to ``--implicit-steps`` steps: the size does not depend on
+   the steps), and the seconds to render its function at 224^2 on this CPU (and on CUDA when present).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as python benchmarks/<name>.py too
 
-__all__ = ["bytes_per_image", "featurize_modes", "loader_reads", "gpu_on_read", "main"]
+__all__ = ["bytes_per_image", "featurize_modes", "loader_reads", "gpu_on_read", "implicit_modes", "main"]
 
 
 def bytes_per_image() -> list[dict[str, Any]]:
@@ -164,13 +169,86 @@ def gpu_on_read(batch: int = 64, channels: int = 384, iters: int = 20) -> dict[s
     return out
 
 
+def implicit_modes(steps: int = 10, size: int = 224, preset: str = "lite") -> dict[str, Any]:
+    """Implicit features as an array vs as a function: bytes per image (layout and on disk) and render time."""
+    import dataclasses
+
+    import torch
+    import zarr
+
+    import featup_ops
+    from featup_ops.config import IMPLICIT_PRESETS
+    from featup_ops.implicit_function import fit_implicit_functions, function_layout
+    from pipeline.io.decode import decode_image, normalize
+    from pipeline.store import FeatureStoreSchema
+    from pipeline.store.foreign import array_kwargs
+
+    cfg = IMPLICIT_PRESETS[preset]
+    out: dict[str, Any] = {"preset": preset, "size": size, "dtype": "float16", "layout": []}
+    guidance = size * size * 3
+    for channels in (384, 320):
+        lay = function_layout(cfg, min(cfg.proj_dim, channels), channels)
+        array = channels * size * size * 2
+        out["layout"].append({"channels": channels, "array_bytes": array, "function_floats": lay.size,
+                              "function_bytes": lay.size * 4 + guidance, "network_bytes": (lay.size - lay.k * channels
+                              - channels) * 4, "basis_bytes": (lay.k + 1) * channels * 4, "guidance_bytes": guidance,
+                              "ratio": round(array / (lay.size * 4 + guidance), 1)})
+    photo = sorted((REPO / "pipeline" / "samples").glob("*.jpg"))[0]
+    pixels = decode_image(photo.read_bytes(), size=(size, size), policy="crop").pixels[None]
+    backbone = featup_ops.load_backbone("efficientnet_lite0", "random").eval()
+    images = normalize(pixels, backbone.mean, backbone.std)
+    fns = fit_implicit_functions(images, backbone, cfg=dataclasses.replace(cfg, steps=steps, early_stop=False))
+    feats = fns.render(images, (size, size)).half()
+    c = int(feats.shape[1])
+    schema = FeatureStoreSchema(n_rows=1, channels=c, lowres_size=(size // 32, size // 32), output_size=(size, size))
+    specs = schema.implicit_arrays((size, size), store_as="both", function_size=fns.layout.size,
+                                   input_size=(size, size))
+    values = {"implicit": feats.numpy(), "implicit_params": fns.params.numpy(), "guidance": pixels}
+    with tempfile.TemporaryDirectory() as tmp:
+        g = zarr.open_group(tmp, mode="w")
+        disk = {}
+        for name, value in values.items():
+            g.create_array(name, **array_kwargs(name, specs[name].create_kwargs(), feature_dtype="float16"))
+            g[name][:] = value
+            disk[name] = sum(p.stat().st_size for p in (Path(tmp) / name).rglob("*") if p.is_file())
+    out["disk"] = {"photo": photo.name, "channels": c, "array_bytes": disk["implicit"],
+                   "function_bytes": disk["implicit_params"] + disk["guidance"], "params_bytes": disk["implicit_params"],
+                   "guidance_bytes": disk["guidance"],
+                   "ratio": round(disk["implicit"] / (disk["implicit_params"] + disk["guidance"]), 1)}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out["render_s_per_image"] = {}
+    for dev in devices:
+        x = images.to(dev)
+        fns.render(x, (size, size))  # warm-up
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        reps = 3 if dev == "cpu" else 20
+        for _ in range(reps):
+            fns.render(x, (size, size))
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        out["render_s_per_image"][dev] = round((time.perf_counter() - t) / reps, 4)
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--gpu-only", action="store_true", help="only the GPU section (no Ray needed)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--implicit-only", action="store_true", help="only section 5 (implicit function vs array)")
+    p.add_argument("--implicit-steps", type=int, default=10, help="fit steps of section 5's photo")
     args = p.parse_args(argv)
     res: dict[str, Any] = {}
+    if args.implicit_only:
+        res["implicit"] = implicit_modes(args.implicit_steps)
+        print("implicit function vs array:", json.dumps(res["implicit"]), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return res
     if not args.gpu_only:
         res["bytes_per_image"] = bytes_per_image()
         for r in res["bytes_per_image"]:
