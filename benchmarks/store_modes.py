@@ -212,7 +212,8 @@ def implicit_modes(steps: int = 10, size: int = 224, preset: str = "lite") -> di
             g[name][:] = value
             disk[name] = sum(p.stat().st_size for p in (Path(tmp) / name).rglob("*") if p.is_file())
     out["disk"] = {"photo": photo.name, "channels": c, "array_bytes": disk["implicit"],
-                   "function_bytes": disk["implicit_params"] + disk["guidance"], "params_bytes": disk["implicit_params"],
+                   "function_bytes": disk["implicit_params"] + disk["guidance"],
+                   "params_bytes": disk["implicit_params"],
                    "guidance_bytes": disk["guidance"],
                    "ratio": round(disk["implicit"] / (disk["implicit_params"] + disk["guidance"]), 1)}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

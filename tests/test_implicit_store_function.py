@@ -87,7 +87,8 @@ def test_function_store_reads_equal_the_array_store(made):
     assert torch.isfinite(y).all() and float(y.abs().max()) > 0
     torch.testing.assert_close(y, x, rtol=0, atol=2 * EPS16 * float(x.abs().max()))  # float16 rounding
     g = open_store(made["function"])
-    assert "implicit" not in g and g["guidance"].dtype == np.uint8 and g["guidance"].shape == (N_IMAGES, INPUT, INPUT, 3)
+    assert "implicit" not in g and g["guidance"].dtype == np.uint8
+    assert g["guidance"].shape == (N_IMAGES, INPUT, INPUT, 3)
     params = g["implicit_params"]
     settings = g.attrs[ATTRS_KEY]
     assert params.dtype == np.float32 and params.shape == (N_IMAGES, settings["function_size"])
@@ -246,3 +247,20 @@ def test_second_pass_keeps_both_and_reads_the_array_unless_a_size_is_asked(made)
     x, y = _all(stored), _all(rendered)
     torch.testing.assert_close(y, x, rtol=0, atol=2 * EPS16 * float(x.abs().max()))
     assert g.attrs[ATTRS_KEY]["store_as"] == "both"
+
+
+def test_schema_declares_the_function_arrays():
+    """``implicit_arrays``: the function's arrays per ``store_as``; an on-read store's own ``guidance`` is reused."""
+    from pipeline.errors import ConfigError
+    from pipeline.store import FeatureStoreSchema
+
+    kw = dict(n_rows=5, channels=8, lowres_size=(2, 2), output_size=(32, 32), rows_per_shard=2)
+    mat, onread = FeatureStoreSchema(**kw), FeatureStoreSchema(**kw, hires_mode="on-read", input_size=(32, 32))
+    both = mat.implicit_arrays((20, 28), store_as="both", function_size=100, input_size=(32, 32))
+    assert list(both) == ["implicit", "implicit_params", "guidance", "implicit_error", "implicit_status"]
+    assert both["implicit_params"].shards == (2, 100) and both["guidance"] == onread.arrays()["guidance"]
+    assert list(onread.implicit_arrays((20, 28), store_as="function", function_size=100)) == [
+        "implicit_params", "implicit_error", "implicit_status"]  # guidance is a main array of an on-read store
+    assert list(mat.implicit_arrays((20, 28))) == ["implicit", "implicit_error", "implicit_status"]
+    with pytest.raises(ConfigError, match="--implicit-store 'fn'"):
+        mat.implicit_arrays((20, 28), store_as="fn")
