@@ -90,9 +90,9 @@ def _reset_implicit(store: str) -> None:
     g["implicit"][:] = 0
 
 
-def _fit_in_process(store: str, rows=None, limit=None) -> dict[str, int]:
+def _fit_in_process(store: str, rows=None, limit=None, **kw) -> dict[str, int]:
     """The second pass's plan run in this process, one unit at a time, no Ray: its resolved job, the decode stage,
-    the fitter and the sink's own lifecycle (``on_write_start``, ``write``)."""
+    the fitter and the sink's own lifecycle (``on_write_start``, ``write``); ``kw``: more :func:`_fit` flags."""
     from ray.data.block import BlockAccessor
 
     from pipeline.featurize.implicit import ImplicitFitter
@@ -100,7 +100,7 @@ def _fit_in_process(store: str, rows=None, limit=None) -> dict[str, int]:
     from pipeline.featurize.stages import decode_units
     from pipeline.store.sink import ZarrFeatureDatasink
 
-    job = resolve_fit_implicit(_fit(store, rows=rows, limit=limit))
+    job = resolve_fit_implicit(_fit(store, rows=rows, limit=limit, **kw))
     sink = ZarrFeatureDatasink(store, implicit=job.implicit)
     sink.on_write_start()
     import torch

@@ -45,11 +45,12 @@ def _featurize(images: Path, out: str, **kw):
     ))
 
 
-def _stage(store_as: str):
-    from pipeline.featurize.implicit import ImplicitStageConfig
+def _fit(store: str, store_as: str):
+    """The second pass's config with the tiny fit, keeping ``store_as``."""
+    from pipeline.featurize.implicit import FitImplicitConfig
 
-    return ImplicitStageConfig(implicit_cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, cpus_per_actor=0.5,
-                               store_as=store_as)
+    return FitImplicitConfig(store=store, implicit_preset=_tiny_cfg(), implicit_size=IMPLICIT_SIZE, implicit_cpus=0.5,
+                             implicit_store=store_as, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_damaged_missing_or_mismatching_networks_are_refused_in_one_line(made):
 
 def test_resume_and_other_settings_refused(made):
     from pipeline.errors import StoreMismatchError
-    from pipeline.featurize.implicit import FitImplicitConfig, run_fit_implicit
+    from pipeline.featurize.implicit import run_fit_implicit
     from pipeline.store import open_store
 
     from test_implicit_stage import _fit_in_process
@@ -192,14 +193,14 @@ def test_resume_and_other_settings_refused(made):
     guidance = np.asarray(g["guidance"][:])
     g["implicit_status"][2:4] = 0  # a crash after shard 1's networks were written, before its status
     g["implicit_params"][2:3] = 9.0
-    assert _fit_in_process(store, _stage("function"))["fitted"] == 2  # the fitter and the sink, in-process
+    assert _fit_in_process(store, implicit_store="function")["fitted"] == 2  # the fitter and the sink, in-process
     g = open_store(store)
     assert g["implicit_status"][:].tolist() == [1] * N_IMAGES
     np.testing.assert_allclose(g["implicit_params"][:], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
     np.testing.assert_array_equal(g["guidance"][:], guidance)
     for other in ("array", "both"):
         with pytest.raises(StoreMismatchError, match="store_as"):
-            run_fit_implicit(FitImplicitConfig(store=store, stage=_stage(other), quiet=True))
+            run_fit_implicit(_fit(store, other))
     with pytest.raises(StoreMismatchError, match="store_as"):  # the featurize job refuses it too
         _featurize(made["images"], made["array"], implicit_store="function")
 
@@ -231,10 +232,10 @@ def test_second_pass_keeps_both_and_reads_the_array_unless_a_size_is_asked(made)
     assert "implicit" not in g and g["implicit_params"].shape[0] == N_IMAGES and "guidance" in g
     assert g.attrs[ATTRS_KEY]["store_as"] == "function" and g.attrs[ATTRS_KEY]["preset"] == "lite"
 
-    from pipeline.featurize.implicit import FitImplicitConfig, run_fit_implicit
+    from pipeline.featurize.implicit import run_fit_implicit
 
     store = without_implicit("both.zarr")
-    res = run_fit_implicit(FitImplicitConfig(store=store, stage=_stage("both"), quiet=True))
+    res = run_fit_implicit(_fit(store, "both"))
     assert res["fitted"] == N_IMAGES and res["failed"] == 0
     g = open_store(store)
     assert {"implicit", "implicit_params", "guidance"} <= set(g.array_keys())

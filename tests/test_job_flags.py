@@ -68,7 +68,7 @@ def test_the_implicit_flags_are_the_same_in_featurize_and_fit_implicit():
     featurize = _long_flags(_job("featurize").build_parser())
     second = _long_flags(_job("fit_implicit").build_parser())
     shared = {f for f in featurize if f.startswith("--implicit-") or f == "--images-per-fit"}
-    assert len(shared) == 7 and shared <= set(second)
+    assert len(shared) == 8 and shared <= set(second)
     cfg = config_from(_job("fit_implicit").CONFIG, _job("fit_implicit").build_parser().parse_args(
         ["--store", "s", "--preset", "fast", "--seed", "3", "--implicit-size", "16", "24"]))  # older spellings
     assert (cfg.stage.preset, cfg.stage.seed, cfg.stage.output_size) == ("fast", 3, (16, 24))
