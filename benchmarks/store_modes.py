@@ -57,6 +57,7 @@ def _backbone_only(folder: str, n: int, batch_size: int) -> float:
     store write): the ceiling both store modes are compared against."""
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.data.datasource import Datasink
 
     from pipeline.featurize.compact import featurize_lowres
     from pipeline.featurize.stages import DecodeSpec, ModelSpec, decode_units
@@ -84,19 +85,39 @@ def _backbone_only(folder: str, n: int, batch_size: int) -> float:
             low = featurize_lowres(px.reshape(-1, *px.shape[2:]), self.backbone, batch_size=batch_size,
                                    out_dtype="float16")
             return {"shard": batch["shard"], "n": batch["n"], "lowres_sum": low.float().sum((1, 2, 3)).numpy()
-                    .reshape(len(px), -1)}
+                    .reshape(len(px), -1)}  # one row per unit, as the Featurizer returns
 
     ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds = ds.map_batches(decode_units, fn_kwargs={"spec": DecodeSpec((224, 224), "crop", 32, s)}, batch_size=1,
                         batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(BackboneOnly, batch_size=max(1, batch_size // s), batch_format="numpy",
                         compute=ActorPoolStrategy(size=1), num_cpus=1)
-    done = []
-    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        done.append((time.time(), int(np.asarray(b["n"]).sum())))
-    if len(done) < 2 or done[-1][0] <= done[0][0]:
-        return float("nan")
-    return sum(k for _, k in done[1:]) / (done[-1][0] - done[0][0])
+
+    class _TimingSink(Datasink):
+        """A sink that stores nothing but times units as the store's sink does (``(wall time, rows)`` per unit in
+        ``write``, steady rate after the first unit in ``on_write_complete``), so backbone-only and the store modes
+        are measured by one clock at the same point of the plan."""
+
+        def __init__(self) -> None:
+            self.steady = float("nan")
+
+        def write(self, blocks: Any, ctx: Any) -> list[tuple[float, int]]:
+            from ray.data.block import BlockAccessor
+
+            done = []
+            for block in blocks:
+                for unit in BlockAccessor.for_block(block).iter_rows(public_row_format=False):
+                    done.append((time.time(), int(unit["n"])))
+            return done
+
+        def on_write_complete(self, write_result: Any) -> None:
+            done = sorted(d for r in write_result.write_returns for d in r)
+            if len(done) >= 2 and done[-1][0] > done[0][0]:
+                self.steady = sum(k for _, k in done[1:]) / (done[-1][0] - done[0][0])
+
+    sink = _TimingSink()
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # as the store sink's write tasks are scheduled
+    return sink.steady
 
 
 def featurize_modes(root: Path, n: int, batch_size: int = 8) -> dict[str, Any]:
