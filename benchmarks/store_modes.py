@@ -199,7 +199,8 @@ def implicit_modes(steps: int = 10, size: int = 224, preset: str = "lite") -> di
 
     import featup_ops
     from featup_ops.config import IMPLICIT_PRESETS
-    from featup_ops.implicit_function import fit_implicit_functions, function_layout
+    from featup_ops.implicit_fit import fit_implicit_functions
+    from featup_ops.implicit_function import function_layout
     from pipeline.io.decode import decode_image, normalize
     from pipeline.store import FeatureStoreSchema
     from pipeline.store.foreign import array_kwargs

@@ -20,9 +20,9 @@ _EXPORTS: dict[str, str] = {
     "BilateralUpsampler": "baselines",
     "BilinearUpsampler": "baselines",
     "ImplicitUpsampler": "implicit",
-    "fit_implicit": "implicit",
+    "fit_implicit": "implicit_fit",
     "ImplicitFunctions": "implicit_function",
-    "fit_implicit_functions": "implicit_function",
+    "fit_implicit_functions": "implicit_fit",
     # training pieces
     "BlurDownsampler": "downsamplers",
     "AttentionDownsampler": "downsamplers",

@@ -11,25 +11,23 @@ backbone's features from Fourier features of pixel coordinates and the image's c
   any size with :func:`featup_ops.implicit.render_networks`, the same readout the fit itself returns, and
   :meth:`ImplicitFunctions.project` folds a fixed PCA basis (e.g. a feature store's) into the vectors, so they
   predict the projected channels directly.
-- :func:`fit_implicit_functions`: :func:`featup_ops.fit_implicit` without the readout.
+- :func:`pack_networks`: fitted networks and their bases as such vectors (what
+  :func:`featup_ops.implicit_fit.fit_implicit_functions`, the fit without the readout, returns).
 
 Rendering needs the image (its colour at the output size) as well as the vector. Pure torch: no Ray, no Zarr.
 """
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn as nn
 
-from featup_ops.config import DEFAULT_IMPLICIT_PRESET, ImplicitConfig, implicit_preset
+from featup_ops.config import ImplicitConfig
 from featup_ops.errors import InputSizeError
-from featup_ops.implicit import ImplicitUpsampler, ProgressFn, _check_inputs, _fit_group, render_networks
+from featup_ops.implicit import ImplicitUpsampler, render_networks
 
-__all__ = ["FunctionLayout", "ImplicitFunctions", "fit_implicit_functions", "function_layout"]
+__all__ = ["FunctionLayout", "ImplicitFunctions", "function_layout", "pack_networks"]
 
 #: Default images rendered at once by :meth:`ImplicitFunctions.render` when neither the call nor the config says.
 RENDER_GROUP = 8
@@ -72,7 +70,7 @@ def function_layout(cfg: ImplicitConfig, k: int, channels: int) -> FunctionLayou
                                                                ("mean", (int(channels),))))
 
 
-def _pack(net: ImplicitUpsampler, comp: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def pack_networks(net: ImplicitUpsampler, comp: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """(G networks, (G, k, C), (G, C)) -> (G, P) float32 on the CPU, in :func:`function_layout` order."""
     g = net.groups
     parts = [p.detach().reshape(g, -1) for p in net.parameters()] + [comp.reshape(g, -1), mean.reshape(g, -1)]
@@ -180,51 +178,3 @@ class ImplicitFunctions:
         out = function_layout(lay.cfg, k, int(comps.shape[0]))
         params = torch.cat([head.float(), new_comp.reshape(n, -1).float(), new_mean.float()], dim=1)
         return ImplicitFunctions(params, out)
-
-
-def fit_implicit_functions(
-    images: torch.Tensor,
-    backbone: nn.Module,
-    *,
-    cfg: ImplicitConfig | str | None = None,
-    seed: int = 0,
-    info: dict[str, Any] | None = None,
-    progress: ProgressFn | None = None,
-) -> ImplicitFunctions:
-    """Fit one implicit network per image (:func:`featup_ops.fit_implicit` without the readout).
-
-    Args: as :func:`featup_ops.fit_implicit` (``images`` (N, 3, H, W) normalised, on the device to use).
-
-    Returns:
-        :class:`ImplicitFunctions` with ``params`` (N, P) float32 on the CPU, basis over the backbone's C channels;
-        ``.render(images, size)`` gives what ``fit_implicit(images, ..., output_size=size)`` returns.
-    """
-    if cfg is None:
-        cfg = implicit_preset(DEFAULT_IMPLICIT_PRESET)
-    elif isinstance(cfg, str):
-        cfg = implicit_preset(cfg)
-    _check_inputs(images, backbone, None)
-    t0 = time.perf_counter()
-    n = images.shape[0]
-    gs = cfg.group_size or n
-    n_groups = -(-n // gs)
-    packed, hist, mse_hist, steps = [], [], [], []
-    k_used, channels, train_size, mode = cfg.proj_dim, 0, (0, 0), "eager"
-    for gi, s in enumerate(range(0, n, gs)):
-        report = None
-        if progress is not None:
-            report = lambda done, active, base=gi * cfg.steps: progress(base + done, n_groups * cfg.steps, active)
-        net, comp, mean, h1, h2, st, k_used, train_size, mode = _fit_group(images[s : s + gs], backbone, cfg, seed,
-                                                                           report)
-        channels = int(comp.shape[-1])
-        packed.append(_pack(net, comp, mean))
-        hist += h1
-        mse_hist += h2
-        steps += st
-        del net
-    if info is not None:
-        info.update(
-            seconds=time.perf_counter() - t0, steps=steps, loss_history=hist, mse_history=mse_hist, proj_dim=k_used,
-            train_size=train_size, step_mode=mode,
-        )
-    return ImplicitFunctions(torch.cat(packed), function_layout(cfg, k_used, channels))

@@ -1,4 +1,4 @@
-"""PCA over feature channels, every pixel one sample: one exact, deterministic solver and its two uses.
+"""PCA over feature channels, every pixel one sample: one exact, deterministic solver and its uses.
 
 - :func:`principal_components`: the solver (channel covariance in float64, eigendecomposition, components by
   decreasing variance, each one's sign fixed so its largest-magnitude entry is positive).
@@ -6,6 +6,7 @@
   applied per pixel (the featurize job's ``--pca``; the basis is stored in the feature store's attributes so a reader
   can map stored channels back, ``f ~= mean + components.T @ p``).
 - :func:`fit_pca_maps`: one basis over several maps of one image, each map contributing equally (pictures).
+- the implicit fit's per-image basis of its view bank (:mod:`featup_ops.implicit_fit`) calls the solver directly.
 
 Pure torch/numpy.
 """
@@ -120,7 +121,8 @@ def fit_pca_maps(
 
 
 def principal_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The exact PCA of samples ``x`` ``(P, C)``: the one solver behind every PCA of this project.
+    """The exact PCA of samples ``x`` ``(P, C)``: the one solver behind every PCA of this project (also each
+    image's basis in the implicit fit, :mod:`featup_ops.implicit_fit`).
 
     Returns:
         ``(mean (C,), components (k, C), explained (k,))`` float64: components by decreasing variance, each with its
@@ -131,12 +133,12 @@ def principal_components(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     xc = x - mean
     cov = xc.T @ xc / max(1, xc.shape[0] - 1)
     evals, evecs = torch.linalg.eigh(cov)  # ascending
-    order = torch.argsort(evals, descending=True)[:k]
-    comps = evecs[:, order].T.contiguous()  # (k, C)
+    # the k largest by decreasing variance: eigh's order reversed (also a fixed order among equal eigenvalues)
+    comps = evecs.flip(1)[:, :k].T.contiguous()  # (k, C)
     signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
     comps = comps * torch.where(signs == 0, torch.ones_like(signs), signs)
     total = evals.clamp_min(0).sum().clamp_min(1e-12)
-    return mean, comps, evals[order].clamp_min(0) / total
+    return mean, comps, evals.flip(0)[:k].clamp_min(0) / total
 
 
 def apply_pca(feats: torch.Tensor, basis: PCABasis) -> torch.Tensor:

@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray bin
 
 from jobs.flags import config_from, parser_for  # noqa: E402
 from pipeline.cli import run_job  # noqa: E402
-from pipeline.featurize.implicit import FitImplicitConfig  # noqa: E402  (no Ray, no torch at import)
+from pipeline.featurize.implicit_config import FitImplicitConfig  # noqa: E402  (no Ray, no torch at import)
 
 
 CONFIG = FitImplicitConfig
@@ -49,7 +49,7 @@ def _locked(cfg: FitImplicitConfig) -> int:
 
 
 def _run(cfg: FitImplicitConfig) -> int:
-    from pipeline.featurize.implicit import run_fit_implicit
+    from pipeline.featurize.fit_implicit import run_fit_implicit
 
     counts = run_fit_implicit(cfg)
     print(

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.read.dataset import FeatureDataset, ShardBatchSampler
+from pipeline.read.dataset import FeatureDataset
+from pipeline.read.sampler import ShardBatchSampler
 from pipeline.errors import ConfigError, StoreError
 from pipeline.io.decode import decode_image
 from pipeline.evaluate.labels import (
@@ -235,7 +236,7 @@ def test_coco_stuff_labels_through_dataset(tmp_path):
 
 def test_loader_batches_without_stacking_copy(tmp_path):
     """__getitems__ writes one batch tensor; collate_features hands it on as is (same memory), values intact."""
-    from pipeline.read.dataset import collate_features
+    from pipeline.read.collate import collate_features
 
     uri = str(tmp_path / "s.zarr")
     values = make_store(uri)
@@ -297,7 +298,7 @@ def _check_featurized(uri: str) -> None:
 
 @pytest.mark.slow
 def test_featurized_store_local(featurized):
-    from pipeline.read.dataset import describe
+    from pipeline.read.store_info import describe
 
     _check_featurized(featurized)
     text = describe(featurized)

@@ -10,7 +10,10 @@ import torch.nn as nn
 import featup_ops.implicit as implicit
 from featup_ops.config import IMPLICIT_PRESETS, ImplicitConfig
 from featup_ops.errors import InputSizeError
-from featup_ops.implicit import ImplicitUpsampler, fit_implicit, fit_pca
+from featup_ops.implicit import ImplicitUpsampler
+from featup_ops.implicit_fit import fit_implicit
+from featup_ops.implicit_step import attention_downsample, step_plan
+from featup_ops.pca import principal_components
 
 
 # one torch thread: 2 cores shared by many processes, and OpenMP spinning costs ~20x on tiny tensors
@@ -102,11 +105,12 @@ def test_pca_is_exact_and_deterministic():
     basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0][:, :2]  # data in a 2-d subspace
     coef = torch.randn(3 * 5 * 5, 2, generator=g) * torch.tensor([3.0, 1.0])
     x = (coef @ basis.T + 0.5).reshape(3, 5, 5, 8).permute(0, 3, 1, 2)
-    mean, comps = fit_pca(x, 2)
+    samples = x.permute(0, 2, 3, 1).reshape(-1, 8)  # every pixel one sample, as the fit's view bank does
+    mean, comps = (t.float() for t in principal_components(samples, 2)[:2])
     recon = torch.einsum("vchw,kc->vkhw", x - mean[None, :, None, None], comps)
     back = torch.einsum("vkhw,kc->vchw", recon, comps) + mean[None, :, None, None]
     torch.testing.assert_close(back, x, atol=1e-4, rtol=0)
-    assert torch.equal(fit_pca(x, 2)[1], comps)
+    assert torch.equal(principal_components(samples, 2)[1].float(), comps)
 
 
 def test_fit_grouped_equals_separate():
@@ -231,7 +235,7 @@ def test_dense_attention_downsample_equals_the_module():
     from featup_ops.downsamplers import AttentionDownsampler
 
     g, v, c, size = 2, 3, 5, (32, 40)
-    plan = implicit._step_plan(size, 8, dataclasses.replace(TINY, downsampler_kernel=9), torch.device("cpu"))
+    plan = step_plan(size, 8, dataclasses.replace(TINY, downsampler_kernel=9), torch.device("cpu"))
     assert plan.grid == (4, 5) and plan.kernel == 9
     down = AttentionDownsampler(c, 9, cfg=DownsamplerConfig(init_noise=0.5), groups=g)
     with torch.no_grad():
@@ -239,7 +243,7 @@ def test_dense_attention_downsample_equals_the_module():
             p.add_(0.3 * torch.randn_like(p))
     x = torch.randn(g * v, c, *size)
     torch.testing.assert_close(
-        implicit._attention_downsample(down.eval(), x, plan, None, None), down(x, plan.grid), atol=1e-5, rtol=1e-5
+        attention_downsample(down.eval(), x, plan, None, None), down(x, plan.grid), atol=1e-5, rtol=1e-5
     )
     # training mode: the same masks (drawn in the module's order from the same generator)
     want = down.train()(x, plan.grid, generator=torch.Generator().manual_seed(4))
@@ -247,7 +251,7 @@ def test_dense_attention_downsample_equals_the_module():
     keep_s, keep_p = 1 - down.cfg.saliency_dropout, 1 - down.cfg.patch_dropout
     sal = (torch.rand((v, c, *plan.crop), generator=gen) < keep_s).float() / keep_s
     patch = (torch.rand((v, 1, 20), generator=gen) < keep_p).float()
-    got = implicit._attention_downsample(down, x, plan, sal, patch)
+    got = attention_downsample(down, x, plan, sal, patch)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

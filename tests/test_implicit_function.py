@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from featup_ops.errors import InputSizeError
-from featup_ops.implicit import fit_implicit
-from featup_ops.implicit_function import ImplicitFunctions, fit_implicit_functions, function_layout
+from featup_ops.implicit_fit import fit_implicit, fit_implicit_functions
+from featup_ops.implicit_function import ImplicitFunctions, function_layout
 from featup_ops.pca import PCABasis, apply_pca
 
 from test_implicit import TINY, TinyBackbone, _images

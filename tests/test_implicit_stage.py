@@ -33,7 +33,7 @@ def _tiny_cfg():
 
 def _fit(store: str, **kw):
     """The second pass's config with the tiny fit (its ``implicit_*`` flags as the featurize job's)."""
-    from pipeline.featurize.implicit import FitImplicitConfig
+    from pipeline.featurize.implicit_config import FitImplicitConfig
 
     flags = {"implicit_preset": _tiny_cfg(), "implicit_size": IMPLICIT_SIZE, "implicit_cpus": 0.5,
              "implicit_seed": SEED, "quiet": True}
@@ -157,7 +157,7 @@ def test_stage_rows_equal_direct_fit(made):
 
 def test_second_pass_resumes_after_crash(made):
     """Crash after one shard (and mid-way through the next), rerun: the same bytes as the uninterrupted run."""
-    from pipeline.featurize.implicit import run_fit_implicit
+    from pipeline.featurize.fit_implicit import run_fit_implicit
     from pipeline.store import open_store
 
     want, _, _ = _read(made["store"])
@@ -186,7 +186,8 @@ def test_second_pass_bad_rows_and_subset(made):
     Runs the plan's two stages in-process (the Ray plan itself is covered above) to keep the suite fast.
     """
     from pipeline.errors import StoreMismatchError
-    from pipeline.featurize.implicit import ImplicitStageConfig, run_fit_implicit
+    from pipeline.featurize.fit_implicit import run_fit_implicit
+    from pipeline.featurize.implicit_config import ImplicitStageConfig
     from pipeline.store import open_store
 
     want, _, _ = _read(made["store"])
@@ -274,7 +275,7 @@ def test_fit_longer_than_the_no_progress_window_is_written_and_reported(made, ca
 
     from ray.data import DataContext
 
-    from pipeline.featurize.implicit import run_fit_implicit
+    from pipeline.featurize.fit_implicit import run_fit_implicit
 
     from pipeline.store import open_store
     from pipeline.store.implicit import ATTRS_KEY

@@ -47,7 +47,7 @@ def _featurize(images: Path, out: str, **kw):
 
 def _fit(store: str, store_as: str):
     """The second pass's config with the tiny fit, keeping ``store_as``."""
-    from pipeline.featurize.implicit import FitImplicitConfig
+    from pipeline.featurize.implicit_config import FitImplicitConfig
 
     return FitImplicitConfig(store=store, implicit_preset=_tiny_cfg(), implicit_size=IMPLICIT_SIZE, implicit_cpus=0.5,
                              implicit_store=store_as, quiet=True)
@@ -182,7 +182,7 @@ def test_damaged_missing_or_mismatching_networks_are_refused_in_one_line(made):
 
 def test_resume_and_other_settings_refused(made):
     from pipeline.errors import StoreMismatchError
-    from pipeline.featurize.implicit import run_fit_implicit
+    from pipeline.featurize.fit_implicit import run_fit_implicit
     from pipeline.store import open_store
 
     from test_implicit_stage import _fit_in_process
@@ -232,7 +232,7 @@ def test_second_pass_keeps_both_and_reads_the_array_unless_a_size_is_asked(made)
     assert "implicit" not in g and g["implicit_params"].shape[0] == N_IMAGES and "guidance" in g
     assert g.attrs[ATTRS_KEY]["store_as"] == "function" and g.attrs[ATTRS_KEY]["preset"] == "lite"
 
-    from pipeline.featurize.implicit import run_fit_implicit
+    from pipeline.featurize.fit_implicit import run_fit_implicit
 
     store = without_implicit("both.zarr")
     res = run_fit_implicit(_fit(store, "both"))

@@ -321,7 +321,7 @@ def evaluate_depth_probe(
 
 # ------------------------------------------------------------------------------------------ probes on feature stores
 # The store-level half: join stores on the same images, split them the same way, train and score one probe per
-# (store, seed). Imports pipeline.read.dataset lazily so the probe maths above stays pure torch.
+# (store, seed). Imports pipeline.read lazily so the probe maths above stays pure torch.
 
 VAL_SPLIT_SALT = "featup-probe-split"
 """Salt of the hash that assigns image ids to train/val, so every store (and every run) splits the same way."""
@@ -374,7 +374,8 @@ def split_ids(ids: Iterable[str], val_fraction: float) -> tuple[list[str], list[
 
 
 def _dataset(store: str, array: str, ids: Sequence[str], run: ProbeRun) -> Any:
-    from pipeline.read.dataset import FeatureDataset, complete_image_ids
+    from pipeline.read.dataset import FeatureDataset
+    from pipeline.read.store_info import complete_image_ids
 
     by_id = complete_image_ids(store, array, storage_options=run.storage_options)
     rows = [by_id[i] for i in ids if i in by_id]

@@ -94,7 +94,7 @@ def build_runs(cfg: EvalProbeConfig) -> list[Any]:
     into train and val ids is the same for every store)."""
     from pipeline.evaluate.labels import LabelSource
     from pipeline.evaluate.probe import ProbeRun, split_ids
-    from pipeline.read.dataset import complete_image_ids
+    from pipeline.read.store_info import complete_image_ids
 
     labels = LabelSource(cfg.labels, cfg.label_kind, suffix=cfg.label_suffix, num_classes=cfg.num_classes,
                          reduce_zero_label=cfg.reduce_zero_label, depth_scale=cfg.depth_scale,

@@ -1,6 +1,7 @@
 """The featurize plan: settings (:mod:`.config`), resolution before Ray starts (:mod:`.resolve`), its Ray Data stages
-(:mod:`.stages`: decode tasks, featurizer actors), the implicit-fitting stage (:mod:`.implicit`), progress lines
-(:mod:`.progress`) and the plan that ties them to the store's sink (:mod:`.plan`).
+(:mod:`.stages`: decode tasks, featurizer actors), the implicit-fitting stage (:mod:`.implicit`, its settings and
+flags :mod:`.implicit_config`), progress lines (:mod:`.progress`), the plan that ties them to the store's sink
+(:mod:`.plan`) and the second implicit pass over an existing store (:mod:`.fit_implicit`).
 
 Names are imported lazily: Ray workers that only need :mod:`.stages` do not import the plan, Zarr or the driver's
 code."""

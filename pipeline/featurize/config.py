@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pipeline.cli import flag
 from pipeline.errors import ConfigError
-from pipeline.featurize.implicit import ImplicitFlags
+from pipeline.featurize.implicit_config import ImplicitFlags
 from pipeline.io.decode import MAX_PIXELS, check_size, size_hw
 from pipeline.store.schema import CODECS, DEFAULT_CODEC, DTYPE_BYTES, HIRES_MODES
 

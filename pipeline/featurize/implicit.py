@@ -9,7 +9,8 @@ one plan (:func:`pipeline.featurize.plan.run_plan`)::
 
 * In the featurize job (``--implicit``) the units flow through the featurizer and then the fitter; the sink writes
   both parts of each shard.
-* As a second pass over an existing store (``jobs/fit_implicit.py``, :func:`run_fit_implicit`) the same plan runs
+* As a second pass over an existing store (``jobs/fit_implicit.py``,
+  :func:`pipeline.featurize.fit_implicit.run_fit_implicit`) the same plan runs
   without the featurizer over the complete rows still lacking implicit features, re-read from the store's ``uri``
   and decoded with its recorded input size and resize policy.
 
@@ -20,188 +21,40 @@ fitting group reached to a :class:`pipeline.featurize.progress.ProgressBoard`, w
 
 The arrays, recorded settings and row writes of the implicit features are the store's (:mod:`pipeline.store.implicit`);
 rows whose ``implicit_status`` is set are not scheduled again, so a rerun resumes and gives the same bytes as an
-uninterrupted run.
+uninterrupted run. The stage's settings and flags are :mod:`pipeline.featurize.implicit_config`; this module is what
+the actors import (no driver code).
 """
 from __future__ import annotations
 
 import json
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featup_ops.config import DEFAULT_IMPLICIT_PRESET, ImplicitConfig
-from pipeline.cli import flag
-from pipeline.errors import ConfigError, StoreMismatchError
-from pipeline.store.schema import IMPLICIT_STORE_AS, Status, to_store_dtype
+from pipeline.errors import StoreMismatchError
+from pipeline.featurize.implicit_config import DEFAULT_IMAGES_PER_FIT, ImplicitStageConfig
+from pipeline.store.schema import Status, to_store_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
-    "FitImplicitConfig",
     "FitterSpec",
     "ImplicitFitter",
-    "ImplicitFlags",
-    "ImplicitStageConfig",
+    "actor_resources",
+    "default_implicit_gpus",
     "fit_pixels",
     "fit_rows",
-    "implicit_units",
-    "run_fit_implicit",
+    "fitter_spec",
+    "heartbeat_seconds",
 ]
 
-DEFAULT_IMAGES_PER_FIT = 4
-"""Images per ``fit_implicit`` call: fitting is batched over images, so a few at once use the device better; more
-only adds memory (results per image do not depend on the grouping)."""
-DEFAULT_CPUS_PER_ACTOR = 1.0
-"""CPUs reserved per ImplicitFitter actor. On GPU actors they feed the device; on CPU actors they are also the
-torch threads the fit uses. Fractional values pack actors (a 2-core machine must leave room for decode tasks)."""
 HEARTBEATS_PER_WINDOW = 10
 """Heartbeat rows a fitter yields per Ray Data no-progress window while it fits (one would do; ten leave margin)."""
-
-
-@dataclass(frozen=True)
-class ImplicitStageConfig:
-    """Settings of the implicit stage, shared by the featurize job and the second pass.
-
-    Attributes:
-        preset: name in ``featup_ops.config.IMPLICIT_PRESETS`` (default ``featup_ops.config.DEFAULT_IMPLICIT_PRESET``, "lite"; "fast"; "paper" = the method's values).
-        implicit_cfg: an explicit ``featup_ops.ImplicitConfig``; overrides ``preset`` (e.g. tiny test configs).
-        output_size: ``(Hi, Wi)`` of the implicit features; None = the store's hires output size. Any size,
-            non-square allowed.
-        gpus: GPUs per ImplicitFitter actor (fractional packs actors on one GPU); 0 = CPU actors; None = 1 when the
-            cluster has GPUs, else 0.
-        actors: size of the ImplicitFitter actor pool.
-        cpus_per_actor: CPUs reserved per actor.
-        torch_threads: torch intra-op threads of a CPU actor; None = ``ceil(cpus_per_actor)``.
-        seed: fitting seed (the same for every image; the result of an image does not depend on its group).
-        images_per_fit: images per ``fit_implicit`` call.
-        store_as: what the store keeps per row (``--implicit-store``): ``"array"`` the features at
-            ``output_size``; ``"function"`` the fitted network and its basis (``implicit_params``, with the
-            ``guidance`` image), rendered by readers at any size; ``"both"``.
-    """
-
-    preset: str = DEFAULT_IMPLICIT_PRESET
-    implicit_cfg: Any = None
-    output_size: tuple[int, int] | None = None
-    gpus: float | None = 0.0
-    actors: int = 1
-    cpus_per_actor: float = DEFAULT_CPUS_PER_ACTOR
-    torch_threads: int | None = None
-    seed: int = 0
-    images_per_fit: int = DEFAULT_IMAGES_PER_FIT
-    store_as: str = "array"
-
-    def __post_init__(self) -> None:
-        if self.store_as not in IMPLICIT_STORE_AS:
-            raise ConfigError(f"--implicit-store {self.store_as!r} is not one of {', '.join(IMPLICIT_STORE_AS)}")
-        if self.output_size is not None:
-            size = tuple(int(s) for s in self.output_size)
-            if len(size) != 2 or min(size) < 1:
-                raise ConfigError(f"--implicit-size {self.output_size!r} must be two positive ints (H W)")
-            object.__setattr__(self, "output_size", size)
-        if self.gpus is not None and self.gpus < 0:
-            raise ConfigError(f"--implicit-gpus {self.gpus} must be >= 0 (0 = CPU actors)")
-        if self.actors < 1:
-            raise ConfigError(f"--implicit-actors {self.actors} must be >= 1")
-        if self.cpus_per_actor <= 0:
-            raise ConfigError(f"--implicit-cpus {self.cpus_per_actor} must be > 0")
-        if self.images_per_fit < 1:
-            raise ConfigError(f"--images-per-fit {self.images_per_fit} must be >= 1")
-        if self.implicit_cfg is None:
-            from featup_ops.config import IMPLICIT_PRESETS
-
-            if self.preset not in IMPLICIT_PRESETS:
-                raise ConfigError(
-                    f"--implicit-preset {self.preset!r} is not one of {', '.join(sorted(IMPLICIT_PRESETS))}"
-                )
-
-    def fit_config(self) -> Any:
-        """The ``featup_ops.ImplicitConfig`` to fit with (``implicit_cfg`` or the named preset)."""
-        if self.implicit_cfg is not None:
-            return self.implicit_cfg
-        from featup_ops.config import IMPLICIT_PRESETS
-
-        return IMPLICIT_PRESETS[self.preset]
-
-    def fit_identity(self) -> dict[str, Any]:
-        """What the store records about this fit (:func:`pipeline.store.implicit.add_implicit_arrays`' keywords)."""
-        return {
-            "preset": self.preset_label(), "config": self.fit_config(), "output_size": self.output_size,
-            "seed": self.seed, "store_as": self.store_as,
-        }
-
-    def preset_label(self) -> str:
-        """The preset name, or ``"custom"`` when an explicit config is given."""
-        return "custom" if self.implicit_cfg is not None else self.preset
-
-
-@dataclass(frozen=True, kw_only=True)
-class ImplicitFlags:
-    """The implicit stage's flags, one declaration shared by the featurize job (``--implicit``) and the second pass
-    (``jobs/fit_implicit.py``): a config that inherits these fields takes the same ``--implicit-*`` flags.
-
-    ``implicit_preset`` is a preset name, or through the API a ``featup_ops.ImplicitConfig`` (e.g. tiny test fits);
-    ``implicit_gpus`` None is resolved against the cluster when the plan is built.
-    """
-
-    implicit_size: tuple[int, int] | None = flag(
-        None, "implicit feature size, any H W (default: the hires output size)", metavar=("H", "W"))
-    implicit_gpus: float | None = flag(
-        None, "GPUs per implicit actor, fractional allowed (default: 1 if the cluster has GPUs, else 0 = CPU actors)")
-    implicit_preset: str | ImplicitConfig = flag(
-        DEFAULT_IMPLICIT_PRESET, "implicit fit preset: lite (default), fast, or paper (the method's values)")
-    implicit_actors: int = flag(1, "implicit fitting actors")
-    implicit_cpus: float = flag(DEFAULT_CPUS_PER_ACTOR, "CPUs reserved per implicit actor")
-    implicit_seed: int = flag(0, "implicit fitting seed")
-    images_per_fit: int = flag(DEFAULT_IMAGES_PER_FIT, "images fitted together per implicit fit call")
-    implicit_store: Literal["array", "function", "both"] = flag(
-        "array", "keep the implicit features (array), each image's fitted network rendered on read at any size "
-        "(function, 40-75x smaller at 224^2), or both")
-
-    def __post_init__(self) -> None:
-        self.stage_config()  # validates every implicit flag, one message each, when the config is made
-
-    def stage_config(self) -> ImplicitStageConfig:
-        """These flags as the stage's :class:`ImplicitStageConfig` (validated there, one message per value)."""
-        preset = self.implicit_preset
-        return ImplicitStageConfig(
-            preset=preset if isinstance(preset, str) else DEFAULT_IMPLICIT_PRESET,
-            implicit_cfg=None if isinstance(preset, str) else preset,
-            output_size=tuple(self.implicit_size) if self.implicit_size else None,
-            gpus=None if self.implicit_gpus is None else float(self.implicit_gpus),
-            actors=int(self.implicit_actors),
-            cpus_per_actor=float(self.implicit_cpus),
-            seed=int(self.implicit_seed),
-            images_per_fit=int(self.images_per_fit),
-            store_as=str(self.implicit_store),
-        )
-
-
-def implicit_units(
-    rows: np.ndarray, rows_per_shard: int, image_ids: Sequence[str], uris: Sequence[str]
-) -> list[dict[str, Any]]:
-    """One work unit per store shard holding any of ``rows``, in :func:`pipeline.featurize.stages.decode_units`' input form.
-
-    Args:
-        rows: ``(n,) int64`` sorted row indices.
-        rows_per_shard: the store's S.
-        image_ids / uris: per manifest row (indexed by row).
-
-    Returns:
-        ``[{"shard": k, "start": first row, "meta": JSON {"image_id", "uri", "rows", "fit_rows"}}]``, shards
-        ascending (every row of such a unit is to be fitted).
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    units = []
-    for shard in np.unique(rows // rows_per_shard):
-        r = rows[rows // rows_per_shard == shard].tolist()
-        meta = {"image_id": [str(image_ids[i]) for i in r], "uri": [str(uris[i]) for i in r], "rows": r, "fit_rows": r}
-        units.append({"shard": int(shard), "start": int(r[0]), "meta": json.dumps(meta)})
-    return units
 
 
 def fit_pixels(
@@ -260,7 +113,7 @@ def fit_rows(
     """
     import torch
 
-    from featup_ops.implicit_function import fit_implicit_functions
+    from featup_ops.implicit_fit import fit_implicit_functions
     from featup_ops.pca import PCABasis, apply_pca
     from pipeline.io.decode import normalize
 
@@ -501,49 +354,3 @@ def fitter_spec(
         function_size=0 if stage.store_as == "array" else function_layout_of(attrs, stage.fit_config()).size,
         guidance=stage.store_as != "array" and attrs.get("hires_mode") != "on-read",
     )
-
-
-@dataclass(frozen=True)
-class FitImplicitConfig(ImplicitFlags):
-    """Settings of the second pass (``jobs/fit_implicit.py``; its flags are these fields, the ``implicit_*`` ones
-    shared with the featurize job through :class:`ImplicitFlags`)."""
-
-    store: str = flag(help="feature store URI (local path or s3://...)")
-    rows: tuple[int, ...] | None = flag(None, "only these row indices (default: all complete rows)")
-    limit: int | None = flag(None, "at most this many rows")
-    weights: str | None = flag(None, "backbone weights the store was made with (default: the store's record)")
-    storage_options: dict[str, Any] | None = flag(
-        None, 'fsspec options as JSON for the store, the images and the weights, e.g. \'{"anon": true}\'',
-        compare=False)
-    progress_interval_s: float = flag(10.0, "seconds between progress lines")
-    quiet: bool = flag(False, "print only the final line")
-
-    @property
-    def stage(self) -> ImplicitStageConfig:
-        """The stage settings of this pass."""
-        return self.stage_config()
-
-
-def run_fit_implicit(cfg: FitImplicitConfig) -> dict[str, int]:
-    """Fill ``implicit`` for the complete rows of an existing store; resumable (rows already set are skipped).
-
-    The featurize plan without its featurizer stage (:func:`pipeline.featurize.plan.run_plan`). Starts a local Ray
-    on 127.0.0.1 unless Ray is initialised or ``RAY_ADDRESS`` is set.
-
-    Returns:
-        Counts ``{"pending", "units", "fitted", "failed", "skipped"}`` of this run.
-
-    Raises:
-        StoreError: no feature store at ``cfg.store``.
-        StoreMismatchError: implicit features with other settings, or other backbone weights.
-        ConfigError: bad settings (``--rows`` out of range, unknown preset).
-    """
-    from pipeline.featurize.resolve import resolve_fit_implicit
-    from pipeline.featurize.plan import run_plan
-
-    job = resolve_fit_implicit(cfg)
-    written = run_plan(job)
-    return {
-        "pending": job.pending_fits, "units": len(job.units), "fitted": int(written.get("fitted", 0)),
-        "failed": int(written.get("fit_failed", 0)), "skipped": 0,
-    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,8 @@ import numpy as np
 from featup_ops.pca import fit_pca
 from pipeline.errors import ConfigError
 from pipeline.featurize.config import FeaturizeConfig, size_text
-from pipeline.featurize.implicit import (
-    FitImplicitConfig,
-    FitterSpec,
-    ImplicitStageConfig,
-    fitter_spec,
-    implicit_units,
-)
+from pipeline.featurize.implicit import FitterSpec, fitter_spec
+from pipeline.featurize.implicit_config import FitImplicitConfig, ImplicitStageConfig
 from pipeline.featurize.stages import DecodeSpec, ModelSpec, build_upsampler
 from pipeline.io.decode import MAX_PIXELS, read_and_decode
 from pipeline.io.sources import Manifest, build_manifest
@@ -37,7 +33,7 @@ from pipeline.store.implicit import IMPLICIT_STATUS, check_implicit, pending_imp
 from pipeline.store.schema import FeatureStoreSchema, Status, rows_per_shard_for
 from pipeline.store.zarr_store import check_store, open_store, read_attrs, status_counts
 
-__all__ = ["PlanJob", "PlanResources", "resolve_featurize", "resolve_fit_implicit"]
+__all__ = ["PlanJob", "PlanResources", "implicit_units", "resolve_featurize", "resolve_fit_implicit"]
 
 
 @dataclass(frozen=True)
@@ -249,6 +245,29 @@ def _pending_units(
             rows = [int(r) for r in np.flatnonzero(fit[start:stop]) + start] if implicit else None
             units.append(_unit(manifest, schema, k, rows))
     return units, int(fit.sum())
+
+
+def implicit_units(
+    rows: np.ndarray, rows_per_shard: int, image_ids: Sequence[str], uris: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One work unit per store shard holding any of ``rows``, in :func:`pipeline.featurize.stages.decode_units`' input form.
+
+    Args:
+        rows: ``(n,) int64`` sorted row indices.
+        rows_per_shard: the store's S.
+        image_ids / uris: per manifest row (indexed by row).
+
+    Returns:
+        ``[{"shard": k, "start": first row, "meta": JSON {"image_id", "uri", "rows", "fit_rows"}}]``, shards
+        ascending (every row of such a unit is to be fitted).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    units = []
+    for shard in np.unique(rows // rows_per_shard):
+        r = rows[rows // rows_per_shard == shard].tolist()
+        meta = {"image_id": [str(image_ids[i]) for i in r], "uri": [str(uris[i]) for i in r], "rows": r, "fit_rows": r}
+        units.append({"shard": int(shard), "start": int(r[0]), "meta": json.dumps(meta)})
+    return units
 
 
 def resolve_fit_implicit(cfg: FitImplicitConfig) -> PlanJob:

@@ -1,2 +1,3 @@
-"""Reading feature stores back: the torch ``Dataset`` over one or more stores, its shard-aware sampler and collate
-(:mod:`.dataset`)."""
+"""Reading feature stores back: the torch ``Dataset`` over a store (:mod:`.dataset`), its shard-aware sampler
+(:mod:`.sampler`) and collate (:mod:`.collate`), what a store offers a reader (:mod:`.store_info`), features
+produced on read (:mod:`.on_read`, :mod:`.implicit_function`) and the Ray Data source (:mod:`.ray_source`)."""

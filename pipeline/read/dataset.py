@@ -12,32 +12,34 @@ so no open handle ever crosses a fork.
 
 Fast reads: zarr reads one inner chunk (one row) per sample; :meth:`FeatureDataset.__getitems__` (which a
 ``DataLoader`` with a batch sampler calls with the whole batch) reads each run of consecutive rows with ONE
-selection, so zarr fetches and decodes the chunks of a shard concurrently, and :class:`ShardBatchSampler` builds
-batches of consecutive rows inside one shard (shuffled between and within shards per epoch) so every batch is such
-a run.
+selection, so zarr fetches and decodes the chunks of a shard concurrently;
+:class:`pipeline.read.sampler.ShardBatchSampler` builds batches of consecutive rows inside one shard (shuffled
+between and within shards per epoch) so every batch is such a run, and
+:func:`pipeline.read.collate.collate_features` hands the batch's one features tensor on without a copy
+(:meth:`FeatureDataset.loader` wires both in). What a store offers a reader (complete image ids, a summary) is
+:mod:`pipeline.read.store_info`.
 """
 from __future__ import annotations
 
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.errors import ConfigError, StoreError
+from pipeline.read.collate import collate_features, new_batch
+from pipeline.read.sampler import ShardBatchSampler
 from pipeline.store.schema import Status, pair
 
 __all__ = [
     "FeatureDataset",
-    "ShardBatchSampler",
-    "collate_features",
-    "complete_image_ids",
     "StoreGeometry",
     "Crop",
     "Channels",
@@ -273,7 +275,7 @@ class FeatureDataset(Dataset):
                 f"device={self.device!r} puts (and, for on-read stores, produces) features in the consuming process; "
                 "use num_workers=0, or device='cpu' with DataLoader workers"
             )
-        batch = _new_batch(shape) if self.device == "cpu" else torch.empty(shape, device=self.device)
+        batch = new_batch(shape) if self.device == "cpu" else torch.empty(shape, device=self.device)
         items: list[dict[str, Any] | None] = [None] * len(idx)
         start = 0
         while start < len(order):
@@ -446,37 +448,6 @@ class FeatureDataset(Dataset):
         return np.asarray(decode_image(data, size=geom.input_size, policy=geom.policy).pixels)
 
 
-def _new_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """An empty float32 batch tensor; in shared memory inside a DataLoader worker, so sending it to the main process
-    copies nothing (what ``default_collate`` does for the tensors it stacks)."""
-    if torch.utils.data.get_worker_info() is not None:
-        n = int(np.prod(shape))
-        storage = torch.UntypedStorage._new_shared(n * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-    return torch.empty(shape, dtype=torch.float32)
-
-
-def collate_features(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """``default_collate`` for :class:`FeatureDataset` items, without copying features that already sit in one batch
-    tensor (as :meth:`FeatureDataset.__getitems__` returns them): ``features`` becomes that tensor."""
-    from torch.utils.data import default_collate
-
-    feats = [it["features"] for it in items]
-    base = feats[0]
-    shared = (
-        base.dim() == 3
-        and base.storage_offset() == 0
-        and all(f.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() for f in feats)
-        and all(f.storage_offset() == j * base.numel() for j, f in enumerate(feats))
-        and base.untyped_storage().nbytes() == len(feats) * base.numel() * base.element_size()
-    )
-    if not shared:
-        return default_collate(items)
-    rest = default_collate([{k: v for k, v in it.items() if k != "features"} for it in items])
-    rest["features"] = base.as_strided((len(feats), *base.shape), (base.numel(), *base.stride()), 0)
-    return rest
-
-
 def _strings(values: Any) -> list[str]:
     """A zarr string column (numpy StringDType) as a plain list of str (cheap to pickle to workers)."""
     return [str(v) for v in np.asarray(values).tolist()]
@@ -489,102 +460,11 @@ def _maybe_geometry(attrs: dict[str, Any]) -> StoreGeometry | None:
         return None
 
 
-class ShardBatchSampler(Sampler[list[int]]):
-    """Batches of dataset indices whose rows are consecutive and inside one shard, for ``DataLoader(batch_sampler=)``.
-
-    Each batch is then one contiguous zarr selection in one shard (see :meth:`FeatureDataset.__getitems__`). With
-    ``shuffle`` the order of the batches is random per epoch (seeded by ``seed`` and :meth:`set_epoch`), and batch
-    boundaries are shifted by a random offset per shard, so the same rows do not always travel together.
-
-    Args:
-        dataset: the dataset (its ``rows`` and ``rows_per_shard`` define the shards).
-        batch_size: rows per batch (a shard's last batch may be smaller unless ``drop_last``).
-        shuffle: randomise batch order and boundaries per epoch.
-        seed: base seed.
-        drop_last: drop batches smaller than ``batch_size``.
-    """
-
-    def __init__(
-        self,
-        dataset: FeatureDataset,
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        if batch_size < 1:
-            raise ConfigError("batch_size must be >= 1")
-        self.rows = np.asarray(dataset.rows)
-        self.rows_per_shard = int(dataset.rows_per_shard)
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.drop_last = drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _runs(self) -> list[np.ndarray]:
-        """Dataset indices grouped by shard, split where rows are not consecutive (a failed row in between)."""
-        if len(self.rows) == 0:
-            return []
-        shard = self.rows // self.rows_per_shard
-        cut = np.flatnonzero((np.diff(shard) != 0) | (np.diff(self.rows) != 1)) + 1
-        return np.split(np.arange(len(self.rows)), cut)
-
-    def _batches(self) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        batches: list[list[int]] = []
-        for run in self._runs():
-            offset = int(rng.integers(0, self.batch_size)) if self.shuffle and len(run) > self.batch_size else 0
-            edges = [0, *range(offset or self.batch_size, len(run), self.batch_size), len(run)]
-            for a, b in zip(edges, edges[1:]):
-                if b > a and (not self.drop_last or b - a == self.batch_size):
-                    batches.append(run[a:b].tolist())
-        if self.shuffle:
-            perm = rng.permutation(len(batches))
-            batches = [batches[i] for i in perm]
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-
-def complete_image_ids(
-    store: str, array: str = "hires", *, storage_options: dict[str, Any] | None = None
-) -> dict[str, int]:
-    """``{image_id: row}`` of the complete rows of ``array`` in a store (for joining stores on the same images)."""
-    ds = FeatureDataset(store, array, storage_options=storage_options)
-    return {ds._image_ids[int(r)]: int(r) for r in ds.rows}
-
-
-def describe(store: str, *, storage_options: dict[str, Any] | None = None) -> str:
-    """:func:`pipeline.store.store_summary` plus what a reader gets: complete rows and item shape per array."""
-    from pipeline.store import open_store, store_summary
-
-    lines = [store_summary(store, storage_options=storage_options)]
-    group = open_store(store, storage_options=storage_options)
-    from pipeline.read.on_read import is_on_read
-
-    on_read = is_on_read(dict(group.attrs.get("featup", {})))  # hires produced on read (compact store)
-    names = [a for a in FEATURE_ARRAYS
-             if a in group or (a == "hires" and on_read) or (a == "implicit" and "implicit_params" in group)]
-    for name in names:
-        ds = FeatureDataset(store, name, storage_options=storage_options)
-        c, h, w = ds.item_shape
-        lines.append(f"dataset    {name}: {len(ds)} complete rows, items ({c}, {h}, {w}) float32, "
-                     f"{ds.rows_per_shard} rows per shard")
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":  # python -m pipeline.read.dataset STORE: print what the store holds and what a reader gets
     import sys
 
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m pipeline.read.dataset STORE_URI")
+    from pipeline.read.store_info import describe
+
     print(describe(sys.argv[1]))
