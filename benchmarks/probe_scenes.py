@@ -2,7 +2,8 @@
 different photos, and a region's class is the photo it came from.
 
 Photos: six colour photos shipped inside the scikit-image and scikit-learn wheels (no download), none of which the
-shipped JBU checkpoint was trained on (it trains on ``pipeline/samples``). Each photo is cut in two halves along
+shipped JBU checkpoint was trained on (it trains on crops of ``pipeline/samples`` and of three other scikit-image
+photos, ``benchmarks/make_train_photos.py``). Each photo is cut in two halves along
 its long side: scenes of the probe's training set take their regions from the first halves only, scenes of its test
 set from the second halves only, so no test pixel is ever seen by the probe's training.
 

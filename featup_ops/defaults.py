@@ -14,7 +14,7 @@ from pathlib import Path
 SHIPPED_JBU = Path(__file__).resolve().parent / "pretrained" / "jbu_lite0"
 
 #: ``featup_ops.checkpoint_hash`` of the shipped checkpoint (config + weights), as feature stores record it.
-SHIPPED_JBU_HASH = "d3a1b23d2376d4c9de6e3725f06c4f9510f299f270c4e8755d38f8dcb5568757"
+SHIPPED_JBU_HASH = "c8dbe6d12dab02a08524a3db9645a3f53a93716bdd67790e8f62e56a7af7c6b8"
 
 #: Backbone strides the shipped checkpoint is the default for (it was trained at stride 32).
 SHIPPED_JBU_STRIDES = frozenset({32})

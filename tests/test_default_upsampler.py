@@ -75,3 +75,14 @@ def test_train_and_test_scenes_come_from_different_halves(tmp_path):
 
     assert sorted(p.name for p in dirs["test"].iterdir()) == ["test_0000.png", "test_0001.png", "test_0002.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(dirs["labels"] / "train_0003.png")), ytr[3])
+
+
+def test_training_folder_of_the_shipped_checkpoint_holds_no_probe_photo_and_ends_with_the_held_out_ones(tmp_path):
+    from benchmarks.make_train_photos import write_train_photos
+    from benchmarks.probe_scenes import PROBE_PHOTOS
+
+    files = write_train_photos(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(p.name for p in files) and len(names) == 83
+    assert names[-2:] == ["v_plant.jpg", "v_skate.jpg"]  # the job's --val-images 2 holds out the last rows
+    assert not any(photo in name for name in names for photo in PROBE_PHOTOS)
