@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 import featup_ops  # noqa: E402
+from featup_ops.config import DEFAULT_IMPLICIT_PRESET  # noqa: E402
 from benchmarks.probe_scenes import PROBE_PHOTOS, load_photos, make_scenes, write_scene_folders  # noqa: E402
 from pipeline.evaluate.probe import ProbeConfig, evaluate_segmentation_probe, train_segmentation_probe  # noqa: E402
 
@@ -97,9 +98,10 @@ def _score(name: str, up: Any, data: dict, seeds: list[int], epochs: int) -> dic
     return row
 
 
-def _implicit_rows(ups: dict[str, Any], data: dict, backbone: Any, n: int, epochs: int) -> list[dict[str, Any]]:
+def _implicit_rows(ups: dict[str, Any], data: dict, backbone: Any, n: int, epochs: int,
+                   preset: str = DEFAULT_IMPLICIT_PRESET) -> list[dict[str, Any]]:
     """Probe trained on bilinear features (seed 0), scored on the first n test scenes' features of every method
-    including the implicit "fast" fit (fitting it on all training scenes is out of CPU reach)."""
+    including the implicit fit with ``preset`` (fitting it on all training scenes is out of CPU reach)."""
     base = ups["bilinear"]
     train = _Features(_upsample(base, data["low_train"], data["x_train"]), data["y_train"])
     cfg = ProbeConfig(epochs=epochs, seed=0)
@@ -108,7 +110,7 @@ def _implicit_rows(ups: dict[str, Any], data: dict, backbone: Any, n: int, epoch
     x, low, y = data["x_test"][:n], data["low_test"][:n], data["y_test"][:n]
     feats = {name: _upsample(up, low, x) for name, up in ups.items()}
     t0 = time.perf_counter()
-    feats["implicit (fast)"] = featup_ops.fit_implicit(x, backbone, cfg="fast", seed=0).half()
+    feats[f"implicit ({preset})"] = featup_ops.fit_implicit(x, backbone, cfg=preset, seed=0).half()
     fit_s = time.perf_counter() - t0
     rows = []
     for name, f in feats.items():
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-checkpoints", action="store_true", help="skip the fixed upsamplers except bilinear")
     p.add_argument("--implicit-scenes", type=int, default=0,
                    help="also fit the implicit upsampler on this many test scenes (a separate, smaller table)")
+    p.add_argument("--implicit-preset", default=DEFAULT_IMPLICIT_PRESET,
+                   help="implicit fit preset for --implicit-scenes (default %(default)s)")
     p.add_argument("--write-scenes", default=None, help="write the scenes + label PNGs here and exit")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine 2 threads ran several times slower)")
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.implicit_scenes:
         print(f"\nimplicit: probe trained on bilinear features (seed 0), scored on {args.implicit_scenes} test scenes")
         keep = {n: u for n, u in ups.items() if not n.startswith("sweep")}
-        out["implicit"] = _implicit_rows(keep, data, backbone, args.implicit_scenes, args.epochs)
+        out["implicit"] = _implicit_rows(keep, data, backbone, args.implicit_scenes, args.epochs,
+                                         args.implicit_preset)
         for r in out["implicit"]:
             print("  " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{v}" for k, v in r.items()))
     if args.json:

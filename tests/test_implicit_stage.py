@@ -124,7 +124,7 @@ def test_stage_rows_equal_direct_fit(made):
     """Rows written by the Ray actors equal fitting the same decoded image directly (fixed seed, non-square size)."""
     import featup_ops
     from pipeline.io.decode import decode_image
-    from pipeline.featurize.implicit import fit_pixels
+    from pipeline.featurize.implicit import fit_rows
     from pipeline.store.implicit import ATTRS_KEY
     from pipeline.store import open_store
 
@@ -147,7 +147,7 @@ def test_stage_rows_equal_direct_fit(made):
             pixels = decode_image(
                 Path(uris[row]).read_bytes(), size=(INPUT, INPUT), policy="crop", min_side=16
             ).pixels
-            direct = fit_pixels(pixels[None], backbone, cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, seed=SEED)
+            direct, _ = fit_rows(pixels[None], backbone, cfg=_tiny_cfg(), output_size=IMPLICIT_SIZE, seed=SEED)
             ref = direct[0].numpy()
             assert np.isfinite(ref).all() and np.abs(ref).mean() > 0
             np.testing.assert_allclose(feats[row], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())

@@ -47,7 +47,6 @@ __all__ = [
     "ImplicitFitter",
     "actor_resources",
     "default_implicit_gpus",
-    "fit_pixels",
     "fit_rows",
     "fitter_spec",
     "heartbeat_seconds",
@@ -55,27 +54,6 @@ __all__ = [
 
 HEARTBEATS_PER_WINDOW = 10
 """Heartbeat rows a fitter yields per Ray Data no-progress window while it fits (one would do; ten leave margin)."""
-
-
-def fit_pixels(
-    pixels: np.ndarray,
-    backbone: "torch.nn.Module",
-    *,
-    cfg: Any,
-    output_size: tuple[int, int],
-    seed: int,
-    images_per_fit: int = DEFAULT_IMAGES_PER_FIT,
-    pca: dict[str, Any] | None = None,
-    progress: Callable[[int, int, int], None] | None = None,
-) -> "torch.Tensor":
-    """Fit implicit features for decoded images: :func:`fit_rows` with ``store_as="array"``.
-
-    Returns:
-        ``(n, C, Hi, Wi) float32`` CPU tensor (C = k when ``pca`` is given).
-    """
-    feats, _ = fit_rows(pixels, backbone, cfg=cfg, output_size=output_size, seed=seed,
-                        images_per_fit=images_per_fit, pca=pca, progress=progress)
-    return feats
 
 
 def fit_rows(

@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 _METHOD = TrainConfig()
+_OPT = "optimisation (defaults: the method's)"  # the flag group of the method's optimisation settings
 
 #: Metrics CSV written by rank 0 beside the checkpoints (``<output>/<name>/metrics.csv``); rewritten whole at every
 #: log step because object stores cannot append (it stays small: one row per ``log_every`` steps).
@@ -89,7 +90,8 @@ class TrainJobConfig:
                       "files", group="data")
     output: str = flag(help="storage path for checkpoints and metrics (local or s3://)", group="run")
     name: str = flag("jbu", "run name; the same --output/--name resumes", group="run")
-    kind: Literal["auto", "coco", "folder", "tar", "parquet"] = flag("auto", "input kind (default: detect)", group="data")
+    kind: Literal["auto", "coco", "folder", "tar", "parquet"] = flag("auto", "input kind (default: detect)",
+                                                                     group="data")
     split: str | None = flag(None, "COCO split, e.g. train2017", group="data")
     limit: int | None = flag(None, "use only the first N images of the input", group="data")
     val_images: int = flag(2, "hold out the last N images for validation", group="data")
@@ -107,15 +109,15 @@ class TrainJobConfig:
     fixup: bool | None = flag(None, "FeatUp's kernel fix-up MLP in every JBU layer (default: the method's, on, as "
                               "FeatUp's code trains it; off = normalised kernels only, which the fused inference "
                               "kernel can run); sets jbu.fixup", group="model")
-    steps: int = flag(_METHOD.steps, "optimizer steps", group="optimisation (defaults: the method's)")
-    batch_size: int = flag(_METHOD.batch_size, "images per step per worker", group="optimisation (defaults: the method's)")
-    lr: float = flag(_METHOD.lr, "NAdam learning rate", group="optimisation (defaults: the method's)")
-    jitters: int = flag(_METHOD.n_jitters, "jittered views per image per step", group="optimisation (defaults: the method's)")
-    proj_dim: int = flag(_METHOD.projection_dim, "random projection dim of the features in the loss", group="optimisation (defaults: the method's)")
+    steps: int = flag(_METHOD.steps, "optimizer steps", group=_OPT)
+    batch_size: int = flag(_METHOD.batch_size, "images per step per worker", group=_OPT)
+    lr: float = flag(_METHOD.lr, "NAdam learning rate", group=_OPT)
+    jitters: int = flag(_METHOD.n_jitters, "jittered views per image per step", group=_OPT)
+    proj_dim: int = flag(_METHOD.projection_dim, "random projection dim of the features in the loss", group=_OPT)
     grad_clip_steps: int = flag(_METHOD.grad_clip_steps, "clip the gradient norm for the first N steps, FeatUp's "
-                                "warm-up (0 for very short runs)", group="optimisation (defaults: the method's)")
-    grad_clip_norm: float = flag(_METHOD.grad_clip_norm, "the gradient norm clipped to in those steps", group="optimisation (defaults: the method's)")
-    seed: int = flag(0, "initialisation and jitter seed", group="optimisation (defaults: the method's)")
+                                "warm-up (0 for very short runs)", group=_OPT)
+    grad_clip_norm: float = flag(_METHOD.grad_clip_norm, "the gradient norm clipped to in those steps", group=_OPT)
+    seed: int = flag(0, "initialisation and jitter seed", group=_OPT)
     checkpoint_every: int = flag(_METHOD.ckpt_every, "checkpoint interval in steps", group="run")
     val_every: int = flag(_METHOD.val_every, "validation interval in steps", group="run")
     log_every: int = flag(10, "console/CSV interval in steps", group="run")
