@@ -1,6 +1,6 @@
 """Benchmark: materialized vs on-read (compact) feature stores, side by side in one run.
 
-    python -m benchmarks.store_modes                  # 32 images, efficientnet_lite0 (random weights) @224 -> 224, fp16
+    python -m benchmarks.store_modes                  # 32 images (16 per work unit), efficientnet_lite0 (random weights) @224 -> 224, fp16
     python -m benchmarks.store_modes --images 64 --json out/store_modes.json
     python -m benchmarks.store_modes --gpu-only       # on a GPU machine without Ray: only the on-read GPU section
 
@@ -52,7 +52,7 @@ def bytes_per_image() -> list[dict[str, Any]]:
     return out
 
 
-def _backbone_only(folder: str, n: int, batch_size: int) -> float:
+def _backbone_only(folder: str, n: int, batch_size: int, rows_per_shard: int = 4) -> float:
     """Steady images/s of the featurize plan's decode -> actor stages with the backbone alone (no upsampler, no
     store write): the ceiling both store modes are compared against."""
     import ray
@@ -64,7 +64,7 @@ def _backbone_only(folder: str, n: int, batch_size: int) -> float:
     from pipeline.io.sources import build_manifest
 
     manifest = build_manifest(folder)
-    s = 4
+    s = rows_per_shard
     units = [{"shard": k, "start": k * s, "meta": json.dumps({"image_id": list(manifest.image_ids[k * s:(k + 1) * s]),
                                                               "uri": list(manifest.uris[k * s:(k + 1) * s])})}
              for k in range(-(-len(manifest) // s))]
@@ -120,7 +120,7 @@ def _backbone_only(folder: str, n: int, batch_size: int) -> float:
     return sink.steady
 
 
-def featurize_modes(root: Path, n: int, batch_size: int = 8) -> dict[str, Any]:
+def featurize_modes(root: Path, n: int, batch_size: int = 8, rows_per_shard: int = 4) -> dict[str, Any]:
     """Run the Ray featurize plan in both modes (and backbone-only) on ``n`` copies of the sample photos."""
     from benchmarks.featurize_e2e import make_images
     from pipeline.cli import init_ray
@@ -129,16 +129,16 @@ def featurize_modes(root: Path, n: int, batch_size: int = 8) -> dict[str, Any]:
 
     folder = str(make_images(root / "images", n))
     init_ray()
-    out: dict[str, Any] = {"images": n}
+    out: dict[str, Any] = {"images": n, "rows_per_shard": rows_per_shard}
     base = dict(input=folder, weights="random", input_size=224, output_size=224, dtype="float16",
-                batch_size=batch_size, rows_per_shard=4, quiet=True)
+                batch_size=batch_size, rows_per_shard=rows_per_shard, quiet=True)
     for mode in ("on-read", "materialized"):
         uri = str(root / f"{mode}.zarr")
         r = run_featurize(FeaturizeConfig(output=uri, hires=mode, **base))
         fs, path = filesystem(uri)
         out[mode] = {"store": uri, "steady_images_per_s": r.get("steady_images_per_s"),
                      "images_per_s": r["images_per_s"], "disk_bytes_per_image": int(fs.du(path)) // n}
-    out["backbone_only"] = {"steady_images_per_s": round(_backbone_only(folder, n, batch_size), 3)}
+    out["backbone_only"] = {"steady_images_per_s": round(_backbone_only(folder, n, batch_size, rows_per_shard), 3)}
     bb = out["backbone_only"]["steady_images_per_s"]
     for mode in ("on-read", "materialized"):
         out[mode]["vs_backbone_only"] = round((out[mode]["steady_images_per_s"] or 0) / bb, 3) if bb else None
@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--implicit-only", action="store_true", help="only section 5 (implicit function vs array)")
     p.add_argument("--implicit-steps", type=int, default=10, help="fit steps of section 5's photo")
+    p.add_argument("--rows-per-shard", type=int, default=16,
+                   help="images per work unit in section 2, all three plans alike (default 16: a 2.9 MB on-read "
+                        "shard; the job's own on-read default is ~64 MiB, 4 makes the per-write cost dominate)")
     args = p.parse_args(argv)
     res: dict[str, Any] = {}
     if args.implicit_only:
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"bytes/image {r['channels']}ch 224^2 fp16: materialized {r['materialized_bytes']:,} vs on-read "
                   f"{r['on_read_bytes']:,} ({r['ratio']}x)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            f = featurize_modes(Path(tmp), args.images)
+            f = featurize_modes(Path(tmp), args.images, rows_per_shard=args.rows_per_shard)
             res["featurize"] = {k: ({kk: vv for kk, vv in v.items() if kk != "store"} if isinstance(v, dict) else v)
                                 for k, v in f.items()}
             print("featurize (CPU, Ray plan):", json.dumps(res["featurize"]), flush=True)

@@ -242,47 +242,65 @@ def create_or_open_store(
 # --------------------------------------------------------------------------------------------------- writing
 
 
-def _delete_shard_objects(arr: zarr.Array, index: tuple[int, ...]) -> None:
-    from zarr.core.sync import sync
-
-    key = arr.metadata.encode_chunk_key(index)
-    sync((arr.store_path / key).delete())
+async def _put_rows(arr: zarr.Array, start: int, stop: int, value: np.ndarray, whole_shard: int | None) -> None:
+    """Write rows ``[start, stop)`` of ``arr``; with ``whole_shard``, first delete that shard's object so a torn
+    earlier write is never merged into the new one (the rewrite is byte-identical to a clean run)."""
+    if whole_shard is not None:
+        key = arr.metadata.encode_chunk_key((whole_shard,) + (0,) * (arr.ndim - 1))
+        await (arr.store_path / key).delete()
+    await arr.async_array.setitem(slice(start, stop), value)
 
 
 def write_shard(group: zarr.Group, shard: int, data: dict[str, np.ndarray]) -> int:
     """Write one work unit: shard ``shard``'s rows of every array, ``status`` last.
+
+    The arrays other than ``status`` are written concurrently (one round of zarr's event loop, so a unit costs
+    about one object write's latency, not one per array; on ``s3://`` the PUTs overlap); ``status`` is written
+    only after all of them (and the Parquet copy of the row ids) have landed.
 
     Args:
         group: the store, opened ``"r+"``.
         shard: shard index k (rows ``[k*S, min(N, (k+1)*S))``).
         data: array name -> values for exactly those rows: ``image_id``, ``uri``, ``error`` ``(n,) str``,
             ``orig_size``, ``valid_size`` ``(n, 2) int32``, ``lowres``/``hires`` (and ``implicit``) ``(n, C, ., .)``
-            (on-read stores: ``guidance`` ``(n, Hin, Win, 3) uint8`` instead of ``hires``) in the store dtype (bfloat16 as uint16 bits; failed rows zero), ``status`` ``(n,) uint8``.
+            (on-read stores: ``guidance`` ``(n, Hin, Win, 3) uint8`` instead of ``hires``) in the store dtype
+            (bfloat16 as uint16 bits; failed rows zero), ``status`` ``(n,) uint8``.
 
     Returns:
         Uncompressed bytes written.
+
+    Raises:
+        StoreError: a value has the wrong number of rows (checked before anything is written).
     """
+    import asyncio
+
+    from zarr.core.sync import sync
+
     schema = FeatureStoreSchema.from_dict(read_attrs(group))
     start, stop = schema.shard_rows(shard)
     n = stop - start
-    written = 0
-    names = [k for k in data if k != "status"]
-    for name in names:
-        value = np.asarray(data[name])
-        if value.shape[0] != n:
-            raise StoreError(f"shard {shard}: {name} has {value.shape[0]} rows, the shard has {n}")
-        arr = group[name]
-        if name in schema.feature_arrays() or name == "guidance":  # row-chunked, sharded arrays
-            _delete_shard_objects(arr, (shard,) + (0,) * (arr.ndim - 1))
-        arr[start:stop] = value
-        written += value.nbytes
-    if schema.format_version >= 2 and {"image_id", "uri", "error"} <= set(data):
-        write_rows_sidecar(group, shard, start, data)  # before status: a complete row is always in the Parquet copy
-    status = np.asarray(data["status"], dtype=np.uint8)
+    values = {name: np.asarray(v) for name, v in data.items()}
+    for name, value in values.items():
+        if value.shape[:1] != (n,):
+            raise StoreError(f"shard {shard}: {name} has {value.shape[0] if value.ndim else 0} rows, the shard has {n}")
+    status = values.pop("status").astype(np.uint8, copy=False)
     if status.shape != (n,):
         raise StoreError(f"shard {shard}: status has shape {status.shape}, expected ({n},)")
-    group["status"][start:stop] = status
-    return written + status.nbytes
+    listed = dict(group.arrays())  # one listing, metadata read concurrently
+    arrays = {name: listed[name] if name in listed else group[name] for name in [*values, "status"]}
+    row_chunked = set(schema.feature_arrays()) | {"guidance"}  # sharded by row: the unit owns the whole shard
+
+    async def put_all() -> None:
+        await asyncio.gather(*(
+            _put_rows(arrays[name], start, stop, value, shard if name in row_chunked else None)
+            for name, value in values.items()
+        ))
+
+    sync(put_all())
+    if schema.format_version >= 2 and {"image_id", "uri", "error"} <= set(values):
+        write_rows_sidecar(group, shard, start, values)  # before status: a complete row is always in the Parquet copy
+    arrays["status"][start:stop] = status
+    return sum(v.nbytes for v in values.values()) + status.nbytes
 
 
 # --------------------------------------------------------------------------------------------------- reading
