@@ -117,6 +117,55 @@ def ray_pipeline(cfg: Any) -> tuple[float, float]:
     return time.perf_counter() - t0, float(result.get("steady_images_per_s", float("nan")))
 
 
+def _flags(cfg: Any) -> list[str]:
+    """``jobs/featurize.py`` flags for the benchmark's config."""
+    return ["--input", cfg.input, "--output", cfg.output, "--kind", cfg.kind, "--backbone", cfg.backbone,
+            *(["--weights", cfg.weights] if cfg.weights else []), "--input-size", str(cfg.input_size),
+            "--output-size", str(cfg.output_size), "--dtype", cfg.dtype, "--batch-size", str(cfg.batch_size),
+            "--rows-per-shard", str(cfg.rows_per_shard), "--actor-cpus", str(cfg.actor_cpus),
+            "--decode-cpus", str(cfg.decode_cpus), "--num-gpus", "0", "--quiet",
+            *(["--torch-threads", str(cfg.torch_threads)] if cfg.torch_threads else [])]
+
+
+def command_runs(cfg: Any, out_dir: Path, tag: str = "0") -> tuple[float, float]:
+    """Each side as the command a user runs, timed from process start to exit (imports and model load included on
+    both sides): the bare loop as ``python -m benchmarks.featurize_e2e --bare-only ...`` and the job as
+    ``python jobs/featurize.py ...`` joining the already running local Ray (``RAY_ADDRESS``).
+
+    Returns:
+        ``(bare seconds, ray seconds)``.
+    """
+    import subprocess
+    from dataclasses import replace
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    times = []
+    for name, cmd in (
+        ("bare", [sys.executable, "-m", "benchmarks.featurize_e2e", "--bare-only",
+                  *_flags(replace(cfg, output=str(out_dir / f"cmd-bare{tag}.zarr")))]),
+        ("ray", [sys.executable, str(REPO / "jobs" / "featurize.py"),
+                 *_flags(replace(cfg, output=str(out_dir / f"cmd-ray{tag}.zarr")))]),
+    ):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} command failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+    return times[0], times[1]
+
+
+def _bare_only(argv: list[str]) -> int:
+    """``--bare-only`` + featurize flags: run :func:`bare_loop` on that config in this process (for
+    :func:`command_runs`)."""
+    from jobs.featurize import CONFIG
+    from jobs.flags import config_from, parser_for
+
+    bare_loop(config_from(CONFIG, parser_for(CONFIG).parse_args(argv)))
+    return 0
+
+
 def bench_codecs(images: int = 4, size: int = 112) -> list[dict[str, Any]]:
     """Compression ratio and write/read speed of each codec on real features (efficientnet_lite0, packaged
     ImageNet weights, bilateral upsampling to ``size``, fp16, one chunk per image), through the store's own layout."""
@@ -174,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="alternate bare/ray this many times; report the best")
     p.add_argument("--json", default=None, help="also write the figures as JSON here")
     p.add_argument("--codecs", action="store_true", help="measure the store codecs on real features instead")
+    p.add_argument("--commands", action="store_true",
+                   help="also time both sides as the commands a user runs (fresh processes, imports included)")
     args = p.parse_args(argv)
     if args.codecs:
         for row in bench_codecs():
@@ -198,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.repeats):
             bare.append(bare_loop(replace(base, output=str(work / f"bare{r}.zarr"))))
             ray_.append(ray_pipeline(replace(base, output=str(work / f"ray{r}.zarr"))))
+        commands = [command_runs(base, work, str(r)) for r in range(args.repeats)] if args.commands else []
         bare_rate = args.images / min(t for t, _ in bare)
         ray_rate = args.images / min(t for t, _ in ray_)
         bare_steady = max(v for _, v in bare)
@@ -212,10 +264,17 @@ def main(argv: list[str] | None = None) -> int:
             "steady_ratio": round(ray_steady / bare_steady, 3),
             "bare_s": [round(t, 2) for t, _ in bare], "ray_s": [round(t, 2) for t, _ in ray_],
         }
+        if commands:
+            b, r = min(t for t, _ in commands), min(t for _, t in commands)
+            result.update(command_bare_s=[round(t, 2) for t, _ in commands],
+                          command_ray_s=[round(t, 2) for _, t in commands], command_ratio=round(b / r, 3))
         print(f"end to end (incl. start-up): bare {bare_rate:6.2f} img/s | ray {ray_rate:6.2f} img/s | "
               f"ratio {ray_rate / bare_rate:.3f}")
         print(f"steady state (after 1st unit): bare {bare_steady:6.2f} img/s | ray {ray_steady:6.2f} img/s | "
               f"ratio {ray_steady / bare_steady:.3f} (target >= 0.9)")
+        if commands:
+            print(f"as commands (process start to exit, imports included): bare {args.images / b:6.2f} img/s | "
+                  f"ray {args.images / r:6.2f} img/s | ratio {b / r:.3f}")
         print(json.dumps(result))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -226,4 +285,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bare-only"]:
+        sys.exit(_bare_only(sys.argv[2:]))
     sys.exit(main())

@@ -265,3 +265,27 @@ def test_schema_declares_the_function_arrays():
     assert list(mat.implicit_arrays((20, 28))) == ["implicit", "implicit_error", "implicit_status"]
     with pytest.raises(ConfigError, match="--implicit-store 'fn'"):
         mat.implicit_arrays((20, 28), store_as="fn")
+
+
+def test_on_read_store_keeps_its_functions_beside_its_one_guidance(made):
+    """``--hires on-read --implicit --implicit-store function``: the compact store holds lowres, one guidance array
+    (shared by hires-on-read and the implicit functions), the networks; no hires, no implicit array. Both feature
+    kinds read back: implicit equal to the function store's, hires equal to a materialized store's."""
+    from pipeline.read.dataset import FeatureDataset
+    from pipeline.store import open_store
+
+    out = str(made["root"] / "on_read_function.zarr")
+    res = _featurize(made["images"], out, implicit_store="function", hires="on-read")
+    assert res["complete"] == N_IMAGES and res["implicit"]["fitted"] == N_IMAGES
+    g = open_store(out)
+    assert {"lowres", "guidance", "implicit_params"} <= set(g.array_keys())
+    assert "hires" not in g and "implicit" not in g
+    np.testing.assert_array_equal(g["guidance"][:], open_store(made["function"])["guidance"][:])
+
+    y, f = _all(FeatureDataset(out, "implicit")), _all(FeatureDataset(made["function"], "implicit"))
+    torch.testing.assert_close(y, f, rtol=0, atol=2 * EPS16 * float(f.abs().max()))
+    materialized = FeatureDataset(made["array"], "hires")
+    on_read = FeatureDataset(out, "hires")
+    assert on_read.item_shape == materialized.item_shape
+    want = _all(materialized)
+    torch.testing.assert_close(_all(on_read), want, rtol=0, atol=2 * EPS16 * float(want.abs().max()))
