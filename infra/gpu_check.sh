@@ -3,7 +3,8 @@
 # Runs without installing the project (PYTHONPATH=.): compiles every CUDA kernel through CuPy/NVRTC, runs the
 # `gpu`-marked tests (kernels vs the torch reference; featurize stage, training step and implicit fit on CUDA
 # vs the CPU path), then the micro-benchmark, then the implicit-fit throughput (images/s at 224 px, group sizes
-# 1/8/32, benchmarks/implicit_throughput.py, ~2 min at most), and prints a short summary. A few minutes at most.
+# 1/8/32, benchmarks/implicit_throughput.py, ~2 min at most), hires produced on read from a compact store
+# (benchmarks/store_modes.py --gpu-only, needs no Ray/Zarr), and prints a short summary. A few minutes at most.
 #   usage: infra/gpu_check.sh            (logs and bench JSON go to $OUT if set, else /tmp/featup_gpu_check)
 set -u
 cd "$(dirname "$0")/.."
@@ -52,6 +53,10 @@ timeout 240 $PY benchmarks/implicit_throughput.py --group-sizes 1 8 32 --size 22
     --json "$LOGS/implicit_throughput.json" 2>&1 | tee "$LOGS/implicit.log"
 IMPLICIT_RC=${PIPESTATUS[0]}
 
+echo "== hires produced on read (compact stores): 224^2, 384 ch, batch 64, bilateral and JBU (target >= 1000 img/s)"
+timeout 120 $PY -m benchmarks.store_modes --gpu-only --json "$LOGS/store_modes_gpu.json" 2>&1 | tee "$LOGS/on_read.log"
+ONREAD_RC=${PIPESTATUS[0]}
+
 echo
 echo "== summary ($(( $(date +%s) - T0 )) s)"
 echo "compile: rc=$COMPILE_RC $(tail -n 1 "$LOGS/compile.log")"
@@ -60,4 +65,5 @@ echo "bench:   rc=$BENCH_RC"
 sed -n '/^Summary/,$p' "$LOGS/bench.log"
 echo "implicit: rc=$IMPLICIT_RC"
 sed -n '/^Summary: implicit/,$p' "$LOGS/implicit.log"
-[ "$COMPILE_RC" -eq 0 ] && [ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$IMPLICIT_RC" -eq 0 ]
+echo "on-read: rc=$ONREAD_RC $(tail -n 1 "$LOGS/on_read.log")"
+[ "$COMPILE_RC" -eq 0 ] && [ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$IMPLICIT_RC" -eq 0 ] && [ "$ONREAD_RC" -eq 0 ]
