@@ -52,46 +52,44 @@ def bytes_per_image() -> list[dict[str, Any]]:
     return out
 
 
-def _backbone_only(folder: str, n: int, batch_size: int, rows_per_shard: int = 4) -> float:
+def _backbone_only(cfg: Any) -> float:
     """Steady images/s of the featurize plan's decode -> actor stages with the backbone alone (no upsampler, no
-    store write): the ceiling both store modes are compared against."""
+    store write): the ceiling both store modes are compared against. ``cfg`` is resolved as the job would resolve
+    it (nothing is written), so the units, the decode spec, the model spec and the resources are the plan's own."""
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.datasource import Datasink
 
     from pipeline.featurize.compact import featurize_lowres
-    from pipeline.featurize.stages import DecodeSpec, ModelSpec, decode_units
-    from pipeline.io.sources import build_manifest
+    from pipeline.featurize.resolve import resolve_featurize
+    from pipeline.featurize.stages import decode_units
 
-    manifest = build_manifest(folder)
-    s = rows_per_shard
-    units = [{"shard": k, "start": k * s, "meta": json.dumps({"image_id": list(manifest.image_ids[k * s:(k + 1) * s]),
-                                                              "uri": list(manifest.uris[k * s:(k + 1) * s])})}
-             for k in range(-(-len(manifest) // s))]
-    spec = ModelSpec(backbone="efficientnet_lite0", weights="random", upsampler=None, output_size=(224, 224),
-                     dtype="float16", batch_size=batch_size)
+    job = resolve_featurize(cfg)
+    spec, res = job.model, job.resources
 
     class BackboneOnly:
         def __init__(self) -> None:
             import torch
 
-            from pipeline.featurize.stages import build_models, default_torch_threads
+            import featup_ops
+            from pipeline.featurize.stages import default_torch_threads
 
-            torch.set_num_threads(default_torch_threads())
-            self.backbone, _ = build_models(spec)
+            torch.set_num_threads(spec.torch_threads or default_torch_threads())  # as a Featurizer actor
+            self.backbone = featup_ops.load_backbone(spec.backbone, spec.weights).eval()
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             px = np.asarray(batch["pixels"])
-            low = featurize_lowres(px.reshape(-1, *px.shape[2:]), self.backbone, batch_size=batch_size,
-                                   out_dtype="float16")
+            low = featurize_lowres(px.reshape(-1, *px.shape[2:]), self.backbone, batch_size=spec.batch_size,
+                                   out_dtype=spec.dtype)
             return {"shard": batch["shard"], "n": batch["n"], "lowres_sum": low.float().sum((1, 2, 3)).numpy()
                     .reshape(len(px), -1)}  # one row per unit, as the Featurizer returns
 
-    ds = ray.data.from_items(units, override_num_blocks=len(units))
-    ds = ds.map_batches(decode_units, fn_kwargs={"spec": DecodeSpec((224, 224), "crop", 32, s)}, batch_size=1,
-                        batch_format="numpy", num_cpus=0.25)
-    ds = ds.map_batches(BackboneOnly, batch_size=max(1, batch_size // s), batch_format="numpy",
-                        compute=ActorPoolStrategy(size=1), num_cpus=1)
+    ds = ray.data.from_items(job.units, override_num_blocks=len(job.units))
+    ds = ds.map_batches(decode_units, fn_kwargs={"spec": job.decode}, batch_size=1, batch_format="numpy",
+                        num_cpus=res.decode_cpus)
+    ds = ds.map_batches(BackboneOnly, batch_size=max(1, res.batch_size // job.schema.rows_per_shard),
+                        batch_format="numpy", compute=ActorPoolStrategy(size=res.num_actors),
+                        num_cpus=res.actor_cpus)
 
     class _TimingSink(Datasink):
         """A sink that stores nothing but times units as the store's sink does (``(wall time, rows)`` per unit in
@@ -116,7 +114,7 @@ def _backbone_only(folder: str, n: int, batch_size: int, rows_per_shard: int = 4
                 self.steady = sum(k for _, k in done[1:]) / (done[-1][0] - done[0][0])
 
     sink = _TimingSink()
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.25})  # as the store sink's write tasks are scheduled
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": res.decode_cpus})  # scheduled as the store sink's writes
     return sink.steady
 
 
@@ -138,7 +136,8 @@ def featurize_modes(root: Path, n: int, batch_size: int = 8, rows_per_shard: int
         fs, path = filesystem(uri)
         out[mode] = {"store": uri, "steady_images_per_s": r.get("steady_images_per_s"),
                      "images_per_s": r["images_per_s"], "disk_bytes_per_image": int(fs.du(path)) // n}
-    out["backbone_only"] = {"steady_images_per_s": round(_backbone_only(folder, n, batch_size, rows_per_shard), 3)}
+    backbone_only = FeaturizeConfig(output=str(root / "backbone_only.zarr"), hires="on-read", **base)  # never written
+    out["backbone_only"] = {"steady_images_per_s": round(_backbone_only(backbone_only), 3)}
     bb = out["backbone_only"]["steady_images_per_s"]
     for mode in ("on-read", "materialized"):
         out[mode]["vs_backbone_only"] = round((out[mode]["steady_images_per_s"] or 0) / bb, 3) if bb else None
