@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, StoreError
+from pipeline.read.on_read import store_normalization
 from pipeline.store.implicit import ATTRS_KEY, GUIDANCE, IMPLICIT_PARAMS, function_layout_of, implicit_config_of
 from pipeline.store.schema import FeatureStoreSchema, pair
 
@@ -96,9 +97,7 @@ class OnReadImplicit:
                              f"({n}, {hin}, {win}, 3) input image; featurize the images into a fresh store")
         self.size = pair(recorded["output_size"], "implicit output_size") if size is None else pair(size, "size")
         self.array_shape: tuple[int, int, int, int] = (n, self.layout.channels, *self.size)
-        norm = self.attrs.get("normalization") or {}
-        self.mean = tuple(float(v) for v in norm["mean"])
-        self.std = tuple(float(v) for v in norm["std"])
+        self.mean, self.std = store_normalization(self.attrs)
         self._arrays: Any = None
         self._pid: int | None = None
 

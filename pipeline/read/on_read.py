@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.store.schema import FeatureStoreSchema, pair
 
-__all__ = ["OnReadHires", "hires_from_compact", "is_on_read", "pca_shift"]
+__all__ = ["OnReadHires", "hires_from_compact", "is_on_read", "pca_shift", "store_normalization"]
 
 
 def pca_shift(attrs: dict[str, Any]) -> "np.ndarray | None":
@@ -39,6 +39,13 @@ def pca_shift(attrs: dict[str, Any]) -> "np.ndarray | None":
     basis = PCABasis.from_dict(attrs["pca"])
     comps = torch.as_tensor(basis.components, dtype=torch.float32)
     return (comps @ torch.as_tensor(basis.mean, dtype=torch.float32)).numpy()
+
+
+def store_normalization(attrs: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of the backbone's input normalisation a store records (``attrs["normalization"]``): what a
+    reader applies to the stored ``guidance`` image before an upsampler or implicit network sees it."""
+    norm = attrs.get("normalization") or {}
+    return tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
 
 
 def is_on_read(attrs: dict[str, Any]) -> bool:
@@ -133,9 +140,7 @@ class OnReadHires:
         lh, lw = self.schema.lowres_size
         if self.size[0] < lh or self.size[1] < lw:
             raise ConfigError(f"size={self.size} is smaller than the store's {lh}x{lw} low-res grid; upsamplers only enlarge")
-        norm = self.attrs.get("normalization") or {}
-        self.mean = tuple(float(v) for v in norm["mean"])
-        self.std = tuple(float(v) for v in norm["std"])
+        self.mean, self.std = store_normalization(self.attrs)
         self.batch_size = int(batch_size)
         self.pca_shift = pca_shift(self.attrs)
         up = load_store_upsampler(store, self.attrs, storage_options=storage_options, device="cpu")  # verifies now
