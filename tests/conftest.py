@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def one_torch_thread():
 def samples_dir() -> Path:
     """Folder of the real photos the project ships (JPEG, <= 640 px)."""
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def copy_samples(samples_dir):
+    """``copy_samples(folder, n)``: copies the first ``n`` shipped photos (sorted by name) into ``folder`` (created
+    if needed) and returns it: an input folder for a featurize job."""
+
+    def copy(folder: Path, n: int) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in sorted(samples_dir.glob("*.jpg"))[:n]:
+            shutil.copy(p, folder / p.name)
+        return folder
+
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -49,10 +49,8 @@ def trained_jbu(seed: int) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, samples_dir) -> Path:
-    d = tmp_path_factory.mktemp("inputs")
-    for p in sorted(samples_dir.glob("*.jpg"))[:5]:
-        shutil.copy(p, d / p.name)
+def inputs(tmp_path_factory, copy_samples) -> Path:
+    d = copy_samples(tmp_path_factory.mktemp("inputs"), 5)
     (d / "c_corrupt.png").write_bytes(corrupt_png())  # a failed row in both modes
     return d
 

@@ -41,15 +41,12 @@ def _fit(store: str, **kw):
 
 
 @pytest.fixture(scope="module")
-def made(ray_local, samples_dir, tmp_path_factory):
+def made(ray_local, copy_samples, tmp_path_factory):
     """A store made by the featurize job with ``--implicit``: the implicit plan runs beside the featurize plan."""
     from pipeline.featurize import FeaturizeConfig, run_featurize
 
     root = tmp_path_factory.mktemp("implicit")
-    images = root / "images"
-    images.mkdir()
-    for p in sorted(samples_dir.glob("*.jpg"))[:N_IMAGES]:
-        shutil.copy(p, images / p.name)
+    images = copy_samples(root / "images", N_IMAGES)
     store = str(root / "base.zarr")
     result = run_featurize(
         FeaturizeConfig(

@@ -54,12 +54,9 @@ def _fit(store: str, store_as: str):
 
 
 @pytest.fixture(scope="module")
-def made(ray_local, samples_dir, tmp_path_factory):
+def made(ray_local, copy_samples, tmp_path_factory):
     root = tmp_path_factory.mktemp("implicit_fn")
-    images = root / "images"
-    images.mkdir()
-    for p in sorted(samples_dir.glob("*.jpg"))[:N_IMAGES]:
-        shutil.copy(p, images / p.name)
+    images = copy_samples(root / "images", N_IMAGES)
     array, function = str(root / "array.zarr"), str(root / "function.zarr")
     assert _featurize(images, array)["implicit"]["fitted"] == N_IMAGES
     res = _featurize(images, function, implicit_store="function")
