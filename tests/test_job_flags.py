@@ -71,7 +71,8 @@ def test_the_implicit_flags_are_the_same_in_featurize_and_fit_implicit():
     assert len(shared) == 8 and shared <= set(second)
     cfg = config_from(_job("fit_implicit").CONFIG, _job("fit_implicit").build_parser().parse_args(
         ["--store", "s", "--preset", "fast", "--seed", "3", "--implicit-size", "16", "24"]))  # older spellings
-    assert (cfg.stage.preset, cfg.stage.seed, cfg.stage.output_size) == ("fast", 3, (16, 24))
+    stage = cfg.stage_config()
+    assert (stage.preset, stage.seed, stage.output_size) == ("fast", 3, (16, 24))
 
 
 def test_featurize_flags_reach_the_config():

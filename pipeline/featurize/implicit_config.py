@@ -154,8 +154,3 @@ class FitImplicitConfig(ImplicitFlags):
         compare=False)
     progress_interval_s: float = flag(10.0, "seconds between progress lines")
     quiet: bool = flag(False, "print only the final line")
-
-    @property
-    def stage(self) -> ImplicitStageConfig:
-        """The stage settings of this pass."""
-        return self.stage_config()

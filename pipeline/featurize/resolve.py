@@ -284,7 +284,8 @@ def resolve_fit_implicit(cfg: FitImplicitConfig) -> PlanJob:
     group = open_store(cfg.store, storage_options=cfg.storage_options)
     attrs = read_attrs(group)
     schema = FeatureStoreSchema.from_dict(attrs)
-    identity = cfg.stage.fit_identity()
+    stage = cfg.stage_config()
+    identity = stage.fit_identity()
     check_implicit(attrs, group.attrs.get(ATTRS_KEY), **identity)
     recorded = str(attrs.get("weights_hash") or "")
     weights = cfg.weights
@@ -310,8 +311,8 @@ def resolve_fit_implicit(cfg: FitImplicitConfig) -> PlanJob:
     )
     return PlanJob(
         uri=cfg.store, schema=schema, settings={}, units=implicit_units(pending, schema.rows_per_shard, ids, uris),
-        decode=decode, fitter=fitter_spec(cfg.stage, attrs, weights=weights, storage_options=cfg.storage_options),
-        stage=cfg.stage, implicit=identity, create=False, resumed=True, pending_fits=int(len(pending)),
+        decode=decode, fitter=fitter_spec(stage, attrs, weights=weights, storage_options=cfg.storage_options),
+        stage=stage, implicit=identity, create=False, resumed=True, pending_fits=int(len(pending)),
         storage_options=cfg.storage_options, progress_interval_s=cfg.progress_interval_s, quiet=cfg.quiet,
     )
 
