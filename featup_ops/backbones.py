@@ -104,6 +104,16 @@ PRESETS: dict[str, BackboneCfg] = {
             "dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2.lvd142m", 14, 384, num_prefix_tokens=5,
             note="DINOv2 ViT-S/14 with 4 registers",
         ),
+        # DINOv3 (timm's Eva with RoPE, so any grid, square or not): CLS + 4 register tokens dropped; the features
+        # UPLiFT's DINOv3 variant takes are those of the S+ model.
+        _vit(
+            "dinov3_vits16plus", "vit_small_plus_patch16_dinov3.lvd1689m", 16, 384, num_prefix_tokens=5,
+            note="DINOv3 ViT-S+/16 (UPLiFT 'dinov3-splus16'); weights under the DINOv3 licence",
+        ),
+        _vit(
+            "dinov3_vits16", "vit_small_patch16_dinov3.lvd1689m", 16, 384, num_prefix_tokens=5,
+            note="DINOv3 ViT-S/16; weights under the DINOv3 licence",
+        ),
         _vit(
             "clip_vitb16", "vit_base_patch16_clip_224.openai", 16, 512, head_projection=True,
             mean=CLIP_MEAN, std=CLIP_STD, note="OpenAI CLIP ViT-B/16, projected patch tokens (FeatUp 'clip')",

@@ -268,39 +268,65 @@ def _check_keys(path: str, module: nn.Module, tensors: Mapping[str, torch.Tensor
 
 
 def load_upsampler(
-    path: str | os.PathLike,
+    spec: str | os.PathLike,
     *,
     storage_options: Mapping[str, Any] | None = None,
     map_location: str | torch.device = "cpu",
     backbone: str | None = None,
+    data: bytes | None = None,
 ) -> nn.Module:
-    """Rebuild an upsampler from a checkpoint directory, in eval mode.
+    """Build the upsampler an upsampler spec names, in eval mode (see :mod:`featup_ops.upsampler_spec`).
 
     Args:
-        path: directory written by :func:`save_upsampler` (local path or fsspec URI), or a FeatUp ``.ckpt`` file
-            (loaded by :func:`featup_ops.featup_checkpoints.load_featup_checkpoint`).
+        spec: ``bilinear``, ``bilateral``, ``jbu[:lite0]``, ``KIND:VARIANT`` (the publisher's file, fetched once into
+            the cache), ``KIND:VARIANT=PATH_OR_URI`` (that file), or the path/URI of a checkpoint directory written
+            by :func:`save_upsampler` or of a FeatUp ``.ckpt`` file.
         storage_options: fsspec options for a URI.
         map_location: device for the loaded tensors.
-        backbone: for a FeatUp ``.ckpt``, the backbone preset it will serve (a mismatch is refused); ignored for
-            a checkpoint directory.
+        backbone: the backbone preset the upsampler will serve: a file that does not fit its channels or patch size
+            is refused (presets only; other names are checked by the featurize job from the model itself).
+        data: for a ``KIND:VARIANT`` spec, the publisher's file's bytes already read (nothing is fetched).
 
     Returns:
-        The module with its weights, ``.eval()``; ``.checkpoint_meta`` holds the saved meta and
-        ``.checkpoint_hash`` the :func:`checkpoint_hash`.
+        The module with its weights, ``.eval()``. Every module carries ``.upsampler_spec`` (what stores record,
+        :func:`featup_ops.upsampler_spec.spec_identity`), ``.checkpoint_hash`` (sha256 of a publisher's file, the
+        :func:`checkpoint_hash` of a directory, None for bilinear/bilateral), ``.checkpoint_meta``,
+        ``.weights_path`` (the file or directory read, None when there is none), ``.published`` (the
+        :class:`featup_ops.published.PublishedUpsampler` or None) and ``.lowres_normalized``.
 
     Raises:
-        CheckpointNotFoundError: the directory or one of its files does not exist.
-        CheckpointError: corrupted bytes, unknown kind, or keys/shapes that do not fit (all named).
+        CheckpointNotFoundError: the file or directory does not exist (offline and not cached: one line naming the
+            file, its address and the ``=PATH`` form).
+        CheckpointError: corrupted bytes, unknown kind or variant, keys/shapes that do not fit (all named), or a
+            backbone it does not fit.
     """
+    from .upsampler_spec import finish_loaded, load_named_upsampler, parse_upsampler_spec
+
+    parsed = parse_upsampler_spec(spec)
+    if parsed.kind != "path":
+        module = load_named_upsampler(parsed, storage_options=storage_options, map_location=map_location, data=data)
+    else:
+        module = _load_path(str(parsed.path), storage_options=storage_options, map_location=map_location,
+                            backbone=backbone)
+    return finish_loaded(module, parsed, backbone=backbone)
+
+
+def _load_path(
+    path: str,
+    *,
+    storage_options: Mapping[str, Any] | None,
+    map_location: str | torch.device,
+    backbone: str | None,
+) -> nn.Module:
+    """A checkpoint directory of ours, or a FeatUp ``.ckpt`` file."""
     from safetensors.torch import load as load_safetensors
 
     from .featup_checkpoints import is_featup_checkpoint_path, load_featup_checkpoint
 
-    path = os.fspath(path)
     if is_featup_checkpoint_path(path):
-        return load_featup_checkpoint(
-            path, backbone, storage_options=storage_options, map_location=map_location
-        )
+        module = load_featup_checkpoint(path, backbone, storage_options=storage_options, map_location=map_location)
+        module.weights_path = path
+        return module
     doc = read_checkpoint_config(path, storage_options=storage_options)
     weights = _read(path, WEIGHTS_NAME, storage_options)
     recorded = doc.get("weights_sha256")
@@ -321,6 +347,7 @@ def load_upsampler(
     module.eval()
     module.checkpoint_meta = dict(doc.get("meta") or {})
     module.checkpoint_hash = _hash(doc["config"], weights)
+    module.weights_path = path
     return module
 
 

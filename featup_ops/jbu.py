@@ -11,10 +11,12 @@ channels: ``up(P f) = P up(f)``, which the projected multi-view loss relies on.
 
 :class:`JBUUpsampler` plans stages from the feature grid to the output size: each stage doubles both sides and
 the last goes straight to the exact size (stride 14 at 224 px: 16 -> 32 -> 64 -> 128 -> 224; non-square and
-non-power-of-two ratios alike). The guidance of each stage is the image area-pooled to that stage's size.
+non-power-of-two ratios alike). The guidance of each stage is the image area-pooled to that stage's size (resized
+bilinearly where a stage is larger than the image; the ``guidance_resize`` argument replaces that rule).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -115,7 +117,9 @@ class JBULayer(nn.Module):
         if self.fixup is not None:
             b, h, wd, k, _ = w.shape
             flat = w.reshape(b, h, wd, k * k).permute(0, 3, 1, 2)
-            delta = self.fixup(torch.cat([flat, guidance.to(flat.dtype)], dim=1))
+            fix_in = torch.cat([flat, guidance.to(flat.dtype)], dim=1)
+            # the MLP runs in its parameters' dtype (fp16/bf16 modules: the taps themselves are float32)
+            delta = self.fixup(fix_in.to(self.fixup[0].weight.dtype)).to(flat.dtype)
             w = (flat + self.cfg.fixup_scale * delta).permute(0, 2, 3, 1).reshape(b, h, wd, k, k)
         return w
 
@@ -173,10 +177,22 @@ class JBUUpsampler(nn.Module):
             upsampler serves any backbone. Required by ``cfg.final_mix``.
         cfg: layer and stack constants (``JBUConfig``); FeatUp's fix-up and final channel mix are options there.
         device, dtype: factory kwargs of the parameters.
+        guidance_resize: ``(image (B,3,H,W), (h, w)) -> (B,3,h,w)`` making each stage's guidance; default
+            :func:`~featup_ops.baselines.resize_guidance` (area-pooled when shrinking, bilinear when enlarging).
+            Not part of the config or the state dict: FeatUp's published stacks pass ``F.adaptive_avg_pool2d``.
     """
 
-    def __init__(self, dim: int | None = None, *, cfg: JBUConfig | None = None, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        cfg: JBUConfig | None = None,
+        device=None,
+        dtype=None,
+        guidance_resize: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
+        self.guidance_resize = guidance_resize or resize_guidance
         self.cfg = cfg = cfg or JBUConfig()
         if cfg.final_mix and dim is None:
             raise ConfigError("JBUUpsampler: final_mix=True needs dim (the feature channels); pass dim=C")
@@ -229,7 +245,7 @@ class JBUUpsampler(nn.Module):
         x = feats
         img = image.to(feats.dtype)
         for size, idx in zip(stages, self.layer_for_stages(len(stages))):
-            x = self.layers[idx](x, resize_guidance(img, size))
+            x = self.layers[idx](x, self.guidance_resize(img, size))
         if self.final_conv is not None:
             x = x + self.cfg.final_residual * self.final_conv(self.final_dropout(x))
         return x

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from featup_ops.config import DownsamplerConfig, JitterConfig, LossConfig, TrainConfig
 from featup_ops.downsamplers import AttentionDownsampler, BlurDownsampler, build_downsampler
 from featup_ops.errors import InputSizeError
+from featup_ops.guidance import IMAGENET_MEAN, IMAGENET_STD, guidance_image
 from featup_ops.jitter import Jitter, apply_jitter, sample_jitter
 from featup_ops.losses import UncertaintyHead, crf_loss, gaussian_nll, total_variation
 
@@ -196,7 +197,8 @@ class MultiViewObjective(nn.Module):
         Args:
             hires_fn: the upsampler call ``(feats, image) -> hires``; a map not at the image size is resized
                 bilinearly (as FeatUp's training script does).
-            image: (B, 3, H, W) normalised images, H and W multiples of the stride.
+            image: (B, 3, H, W) images normalised as the backbone expects, H and W multiples of the stride (the
+                upsampler gets them re-normalised with the ImageNet mean/std, ``featup_ops.guidance_image``).
             backbone: frozen backbone, ``(B,3,H,W) -> (B,C,H/s,W/s)``.
             generator: CPU generator for projections, jitters and CRF samples (reproducible steps).
             lowres: precomputed ``backbone(image)``; computed (without gradients) when None.
@@ -220,6 +222,8 @@ class MultiViewObjective(nn.Module):
         if project_first is None:
             project_first = bool(getattr(hires_fn, "channel_agnostic", False))
         size = (int(image.shape[-2]), int(image.shape[-1]))
+        # the upsampler's guidance is ImageNet-normalised whatever the backbone's normalisation (the contract)
+        guide = guidance_image(image, getattr(backbone, "mean", IMAGENET_MEAN), getattr(backbone, "std", IMAGENET_STD))
         cfg = self.loss_cfg
         sal_dir = self._saliency_direction()
         total = torch.zeros((), device=image.device)
@@ -231,9 +235,9 @@ class MultiViewObjective(nn.Module):
                 rows = proj
                 if sal_dir is not None:
                     rows = torch.cat([proj, sal_dir[0][None, None, :].expand(b, 1, c)], dim=1)
-                hr = hires_fn(project(lowres, rows), image)
+                hr = hires_fn(project(lowres, rows), guide)
             else:
-                hr_full = hires_fn(lowres, image)
+                hr_full = hires_fn(lowres, guide)
                 if tuple(hr_full.shape[-2:]) != size:
                     hr_full = F.interpolate(hr_full, size=size, mode="bilinear", align_corners=False)
                 hr = project(hr_full, proj)

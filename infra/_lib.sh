@@ -31,11 +31,17 @@ use_venv() {
     export VIRTUAL_ENV="$FEATUP_VENV"
 }
 
-# Loopback only (docs/design.md "Running"): with this variable in the environment of every Ray process, `ray start`
-# binds 127.0.0.1 and never advertises the machine's external address.
+# The environment of every Ray node these scripts start.
+# Loopback only (docs/design.md "Running"): with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment of every Ray
+# process, `ray start` binds 127.0.0.1 and never advertises the machine's external address.
+# Quick stop: on SIGTERM, `ray start --block` (Ray 2.60) first drains its node, waiting until every running task and
+# actor has returned its lease, for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (default 30 s). That is longer than
+# stop_session waits, so a node stopped while a job ran was always SIGKILLed after FEATUP_STOP_TIMEOUT. The drain
+# serves Ray Serve replicas, which nothing here runs: off (0) unless set; the node then stops its processes at once.
 ray_loopback_env() {
     export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
     export RAY_USAGE_STATS_ENABLED=0
+    export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 }
 
 # Token authentication (Ray >= 2.52): every node and every client (`ray job submit`) needs RAY_AUTH_MODE=token and
@@ -127,9 +133,10 @@ session_pids() {
     ps -e -o pid=,sid=,stat= | awk -v sid="$1" '$2 == sid && $3 !~ /^Z/ { print $1 }'
 }
 
-# stop_session PIDFILE NAME : SIGTERM the session leader the pidfile names, wait, then SIGKILL what is left of it.
+# stop_session PIDFILE NAME : SIGTERM the session leader the pidfile names, wait up to FEATUP_STOP_TIMEOUT seconds,
+# then SIGKILL what is left of it (and say so: a clean stop never needs it).
 stop_session() {
-    local pidfile="$1" name="$2" sid pids waited=0
+    local pidfile="$1" name="$2" sid pids waited deadline
     if ! sid="$(pid_alive "$pidfile")"; then
         if [ -f "$pidfile" ]; then
             sid="$(cat "$pidfile")"
@@ -144,10 +151,11 @@ stop_session() {
     fi
     # SIGTERM to the session leader only: `ray start --block` then stops its children in order (raylet before
     # GCS); signalling them all at once leaves the GCS waiting out its drain timeout.
+    # A Ray node started by these scripts exits within a few seconds (ray_loopback_env turns its drain off).
     kill -TERM "$sid" 2>/dev/null || true
-    while [ -n "$(session_pids "$sid")" ] && [ "$waited" -lt "$FEATUP_STOP_TIMEOUT" ]; do
-        sleep 1
-        waited=$((waited + 1))
+    deadline=$((SECONDS + FEATUP_STOP_TIMEOUT))
+    while [ -n "$(session_pids "$sid")" ] && [ "$SECONDS" -lt "$deadline" ]; do
+        sleep 0.2
     done
     pids="$(session_pids "$sid")"
     if [ -n "$pids" ]; then

@@ -4,9 +4,12 @@
 #   infra/stop_ray.sh                                   # every node in FEATUP_RAY_DIR: workers first, then the head
 #   FEATUP_WORKER_NAME=gpu2 infra/stop_ray.sh --worker  # one worker node only
 #
-# Each node runs in its own session; this sends SIGTERM to that session's processes, waits FEATUP_STOP_TIMEOUT
-# seconds (default 20), then SIGKILLs what is left. It never runs `ray stop`, which would kill every Ray process of
-# the user on this machine (other clusters, test sessions).
+# Each node runs in its own session; this sends SIGTERM to that session's leader (`ray start --block`, which stops
+# its raylet, GCS, dashboard and workers in order), waits up to FEATUP_STOP_TIMEOUT seconds (default 20), then SIGKILLs
+# what is left and says so. Nodes started by these scripts have Ray's SIGTERM drain turned off (_lib.sh,
+# ray_loopback_env), so they stop within a few seconds even while a job runs; a running job fails (its driver is
+# stopped with the node). It never runs `ray stop`, which would kill every Ray process of the user on this machine
+# (other clusters, test sessions) and has no option to pick one cluster.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 

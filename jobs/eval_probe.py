@@ -5,6 +5,8 @@
     python jobs/eval_probe.py --store bilinear=out/bilinear.zarr --store jbu=out/jbu.zarr \\
         --store implicit=out/jbu.zarr:implicit --labels /data/cocostuff/stuffthingmaps/val2017 \\
         --label-kind coco-stuff-27 --epochs 5 --seeds 0 1 2 --out results.json
+    # every probe protocol (AdamW raw / standardised, L-BFGS to convergence standardised / raw), boundary scores too
+    python jobs/eval_probe.py --store bilinear=... --store jbu=... --labels ... --protocol all --seeds 0 1 2
     # feature preservation: train on low-res features, score the same probe on the upsampled ones
     python jobs/eval_probe.py --store jbu=out/jbu.zarr --labels ... --preservation
     # separate train and val stores, probes as Ray tasks (one GPU each when the cluster has GPUs)
@@ -56,12 +58,14 @@ def _run(cfg: EvalProbeConfig) -> int:
     for r in results:
         print(json.dumps(r), flush=True)
     summary = summarize(results)
-    print("\nname            trained on -> scored on   " + ("mIoU     pixel acc" if runs[0].task != "depth"
-                                                          else "RMSE     delta1"))
+    seg = runs[0].task != "depth"
+    print("\nname            protocol   trained on -> scored on   " + (
+        "mIoU            pixel acc       boundary mIoU   boundary acc" if seg else "RMSE            delta1"))
     for s in summary:
-        a, b = ("miou", "pixel_accuracy") if "miou" in s else ("rmse", "delta1")
-        print(f"{s['name']:<15s} {s['train_array']:>10s} -> {s['array']:<9s} "
-              f"{s[a]:.4f}±{s[a + '_std']:.4f}  {s[b]:.4f}±{s[b + '_std']:.4f}  ({s['seeds']} seeds)")
+        metrics = ("miou", "pixel_accuracy", "boundary_miou", "boundary_pixel_accuracy") if seg else ("rmse", "delta1")
+        cells = "  ".join(f"{s[m]:.4f}±{s[m + '_std']:.4f}" for m in metrics if m in s)
+        print(f"{s['name']:<15s} {s['protocol']:<10s} {s['train_array']:>10s} -> {s['array']:<9s} {cells}  "
+              f"({s['seeds']} seeds)")
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps({"results": results, "summary": summary}, indent=2))

@@ -9,25 +9,35 @@ so a flag, its type, its choices and its default are declared once, on the field
   default None. Fields of a dataclass type (nested method configs) are not flags.
 * ``field(metadata={...})`` adds what the type cannot say: ``help``; ``aliases`` (older spellings kept working);
   ``type`` (a parser for one value); ``choices``; ``repeat`` (the flag may be given several times); ``metavar``; ``group``;
-  ``flag=False`` (an API-only field).
+  ``flag=False`` (an API-only field); ``path="output"``/``"input"`` (a path the job writes / only reads).
 
 :func:`config_from` turns the parsed flags into the config; the config's own ``__post_init__`` validates them, so
-a bad value is refused once, with one message, whether it came from a flag or from code.
+a bad value is refused once, with one message, whether it came from a flag or from code. Before that, inside a
+``ray job submit --working-dir`` copy, it refuses relative ``path="output"`` values (and relative inputs that were
+not uploaded): :func:`pipeline.cli.check_job_path`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 import types
 import typing
 from collections.abc import Collection, Mapping
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pipeline.cli import json_object
+from pipeline.cli import check_job_path, json_object, ray_working_dir_copy
 
 C = TypeVar("C")
 
-__all__ = ["parser_for", "config_from", "flag_fields"]
+#: The ``--help`` note of a job with ``path=`` fields.
+RAY_JOB_PATHS_NOTE = (
+    "Under `ray job submit --working-dir`, the job runs in Ray's temporary copy of that directory, deleted after the "
+    "job: a relative output path is refused there (pass an absolute path or s3:// URI); relative input paths are "
+    "read from the uploaded copy (.gitignore'd files are not uploaded)."
+)
+
+__all__ = ["parser_for", "config_from", "flag_fields", "check_paths"]
 
 
 def flag_fields(config: type, exclude: Collection[str] = ()) -> list[dataclasses.Field]:
@@ -64,6 +74,8 @@ def parser_for(
     """
     if parser is None:
         head, _, rest = (doc or "").strip().partition("\n\n")
+        if any(f.metadata.get("path") for f in flag_fields(config, exclude)):
+            rest = "\n\n".join(p for p in (rest, textwrap.fill(RAY_JOB_PATHS_NOTE, 100)) if p)
         parser = argparse.ArgumentParser(
             description=head or None, epilog=rest or None, formatter_class=argparse.RawDescriptionHelpFormatter
         )
@@ -103,7 +115,24 @@ def config_from(config: type[C], args: argparse.Namespace | Mapping[str, Any], *
     kwargs = {k: _normalise(hints[k], v) for k, v in values.items()
               if k in names and not (k in repeat and v is None)}
     kwargs.update(overrides)
+    check_paths(config, kwargs)
     return config(**kwargs)
+
+
+def check_paths(config: type, values: Mapping[str, Any]) -> None:
+    """Inside a ``ray job submit --working-dir`` copy, refuse the ``values`` of ``config``'s ``path=`` fields that
+    would be lost there (relative outputs) or are not there (relative inputs that were not uploaded), in one line
+    (:func:`pipeline.cli.check_job_path`); a field not in ``values`` is checked at its default. No-op elsewhere."""
+    copy = ray_working_dir_copy()
+    if copy is None:
+        return
+    for f in dataclasses.fields(config):
+        role = f.metadata.get("path")
+        if not role:
+            continue
+        value = values.get(f.name, f.default)
+        if value is not dataclasses.MISSING:
+            check_job_path(f"--{f.name.replace('_', '-')}", role, value, copy)
 
 
 def _strip_none(tp: Any) -> tuple[Any, bool]:

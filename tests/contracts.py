@@ -95,10 +95,22 @@ class StoreContract:
 
 
 class UpsamplerContract:
-    """Subclass and implement :meth:`make` (a fresh upsampler); set ``channel_agnostic`` where it is claimed."""
+    """Subclass and implement :meth:`make` (a fresh upsampler); set ``channel_agnostic`` where it is claimed.
+
+    Every kind answers the one contract ``up(lowres (B,C,h,w), image (B,3,H,W), output_size) -> (B,C,H',W')``:
+    any output size at least the grid, square or not; the features' dtype; deterministic in eval; a row independent
+    of its batch-mates; ``upsample_prepared(prepare_lowres(x))`` equal to ``up(x)`` where the kind normalises the
+    low-res features itself; a JSON-able ``config_dict`` with its kind; gradients reaching every parameter.
+    """
 
     channel_agnostic = False
     has_parameters = True
+    #: feature channels the upsampler is made for (published kinds: the file's C)
+    channels = 8
+    #: image pixels per feature cell (kinds that need the backbone's patch size: the patch)
+    image_scale = 4
+    #: parameters a kind's file carries but its forward never uses (AnyUp's value and output projections)
+    unused_parameters: tuple[str, ...] = ()
     #: low-res grid and output size of the gradient check: large enough that every parameter is used
     grad_case: tuple[tuple[int, int], tuple[int, int]] = ((4, 5), (16, 20))
 
@@ -106,21 +118,31 @@ class UpsamplerContract:
         raise NotImplementedError
 
     def _inputs(
-        self, c: int = 8, size: tuple[int, int] = (4, 5), image_size: tuple[int, int] | None = None
+        self, c: int | None = None, size: tuple[int, int] = (4, 5), image_size: tuple[int, int] | None = None,
+        batch: int = 2,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
-        image = torch.rand(2, 3, *(image_size or (size[0] * 4, size[1] * 4)), generator=g)
-        return torch.randn(2, c, *size, generator=g), image
+        k = self.image_scale
+        image = torch.randn(batch, 3, *(image_size or (size[0] * k, size[1] * k)), generator=g)
+        return torch.randn(batch, c or self.channels, *size, generator=g), image
 
     @pytest.mark.parametrize("out", [(16, 16), (16, 20), (12, 28)])
     def test_output_size_square_and_not(self, out):
         feats, image = self._inputs()
-        y = self.make().eval()(feats, image, out)
-        assert tuple(y.shape) == (2, 8, *out)
+        with torch.no_grad():
+            y = self.make().eval()(feats, image, out)
+        assert tuple(y.shape) == (2, self.channels, *out) and torch.isfinite(y).all()
+
+    def test_default_output_is_the_image_size(self):
+        feats, image = self._inputs()
+        with torch.no_grad():
+            y = self.make().eval()(feats, image)
+        assert tuple(y.shape) == (2, self.channels, *image.shape[-2:])
 
     def test_dtype_follows_the_features(self):
         feats, image = self._inputs()
-        assert self.make().eval()(feats, image, (16, 20)).dtype == feats.dtype
+        with torch.no_grad():
+            assert self.make().eval()(feats, image, (16, 20)).dtype == feats.dtype
 
     def test_deterministic_in_eval(self):
         feats, image = self._inputs()
@@ -128,15 +150,41 @@ class UpsamplerContract:
         with torch.no_grad():
             torch.testing.assert_close(up(feats, image, (16, 20)), up(feats, image, (16, 20)), rtol=0, atol=0)
 
+    def test_a_row_does_not_depend_on_its_batch_mates(self):
+        feats, image = self._inputs()
+        up = self.make().eval()
+        with torch.no_grad():
+            both = up(feats, image, (16, 20))
+            alone = torch.cat([up(feats[i : i + 1], image[i : i + 1], (16, 20)) for i in range(2)])
+        torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-5)
+
+    def test_prepared_lowres_then_upsample_equals_the_call(self):
+        feats, image = self._inputs()
+        up = self.make().eval()
+        assert isinstance(getattr(up, "lowres_normalized", False), bool)
+        if not getattr(up, "lowres_normalized", False):
+            pytest.skip("no low-res preprocessing")
+        with torch.no_grad():
+            prepared = up.prepare_lowres(feats)
+            torch.testing.assert_close(up.upsample_prepared(prepared, image, (16, 20)), up(feats, image, (16, 20)))
+        assert not torch.allclose(prepared, feats)
+
+    def test_config_dict_names_the_kind_and_is_json(self):
+        import json
+
+        config = self.make().config_dict()
+        assert isinstance(config.get("kind"), str) and json.loads(json.dumps(config)) == config
+
     def test_gradients_reach_every_parameter(self):
         if not self.has_parameters:
             pytest.skip("no parameters")
         grid, size = self.grad_case
-        feats, image = self._inputs(size=grid, image_size=size)
+        feats, image = self._inputs(size=grid, image_size=(grid[0] * self.image_scale, grid[1] * self.image_scale))
         up = self.make().train()
         out = up(feats, image, size)
         (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
-        missing = [n for n, p in up.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+        missing = [n for n, p in up.named_parameters()
+                   if p.requires_grad and n not in self.unused_parameters and (p.grad is None or not p.grad.any())]
         assert not missing, missing
 
     def test_channel_agnostic_where_claimed(self):
@@ -145,7 +193,7 @@ class UpsamplerContract:
         feats, image = self._inputs()
         up = self.make().eval()
         assert getattr(up, "channel_agnostic", False)
-        m = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+        m = torch.randn(3, self.channels, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             a = torch.einsum("kc,bchw->bkhw", m, up(feats, image, (16, 20)))
             b = up(torch.einsum("kc,bchw->bkhw", m, feats), image, (16, 20))

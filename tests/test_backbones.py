@@ -72,6 +72,41 @@ def test_preset_stride_dim_match_the_model(name: str) -> None:
     assert len(bb.mean) == 3 and len(bb.std) == 3
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize(
+    "name,model_name",
+    [
+        ("dinov3_vits16plus", "vit_small_plus_patch16_dinov3.lvd1689m"),
+        ("dinov3_vits16", "vit_small_patch16_dinov3.lvd1689m"),
+    ],
+)
+def test_dinov3_presets_give_normed_patch_tokens(name: str, model_name: str) -> None:
+    """The features UPLiFT's DINOv3 variant takes: last block -> final norm -> patch tokens (CLS and the 4
+    registers dropped), (B, 384, H/16, W/16), for non-square grids both ways (DINOv3 uses RoPE)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    bb = load_backbone(name, "random")
+    pcfg = get_pretrained_cfg(model_name)
+    assert bb.cfg.model_name == model_name and (bb.stride, bb.dim) == (16, 384)
+    assert bb.mean == tuple(pcfg.mean) == (0.485, 0.456, 0.406) and bb.std == tuple(pcfg.std) == (0.229, 0.224, 0.225)
+    # a separate timm model with the preset's weights; its forward_features ends with model.norm on all tokens
+    ref = timm.create_model(model_name.split(".")[0], pretrained=False, dynamic_img_size=True).eval()
+    ref.load_state_dict(bb.model.state_dict())
+    assert ref.cls_token.shape[1] == 1 and ref.reg_token.shape[1] == 4 and ref.num_prefix_tokens == 5
+    gen = torch.Generator().manual_seed(0)
+    for h, w in ((2, 3), (3, 2)):
+        x = torch.randn(2, 3, 16 * h, 16 * w, generator=gen)
+        with torch.no_grad():
+            got = bb(x)
+            tokens = ref.forward_features(x)
+        assert tokens.shape == (2, 5 + h * w, 384)
+        want = tokens[:, 5:].reshape(2, h, w, 384).permute(0, 3, 1, 2)
+        assert got.shape == (2, 384, h, w)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.std() > 0.1 and (got[0] - got[1]).abs().max() > 0.1
+
+
 def test_backbone_stays_frozen_in_eval_inside_train_mode(lite0_random: Backbone) -> None:
     parent = torch.nn.Sequential(lite0_random)
     parent.train()
@@ -105,7 +140,7 @@ def test_unknown_backbone_lists_presets_and_suggests() -> None:
         load_backbone("dinov2_vits16", "random")
     msg = str(err.value)
     assert isinstance(err.value, ValueError) and isinstance(err.value, FeatupError)
-    assert "did you mean 'dinov2_vits14'" in msg
+    assert "'dinov2_vits14'" in msg.split("did you mean")[1]  # ('dinov3_vits16' is suggested too)
     assert all(name in msg for name in list_backbones())
 
 

@@ -47,3 +47,61 @@ class TestJBU(UpsamplerContract):
         import featup_ops
 
         return featup_ops.JBUUpsampler()
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+class TestFeatUp(UpsamplerContract):
+    """FeatUp's hub stack (ChannelNorm file), random weights in FeatUp's own file format."""
+
+    channels = 384
+    grad_case = ((2, 2), (32, 32))  # 4 stages: every layer runs
+
+    def make(self):
+        import featup_ops
+
+        return featup_ops.load_upsampler(f"featup:dinov2={FIXTURES / 'featup_jbu' / 'dinov2_jbu_stack_norm.ckpt'}")
+
+
+class TestUplift(UpsamplerContract):
+    """UPLiFT (patch 14), random weights in the publisher's safetensors layout."""
+
+    channels = 384
+    image_scale = 14
+    grad_case = ((2, 3), (8, 12))
+
+    def make(self):
+        import featup_ops
+
+        return featup_ops.load_upsampler(f"uplift:dinov2-s14={FIXTURES / 'uplift' / 'uplift_dinov2-s14.safetensors'}")
+
+
+class TestLoftUp(UpsamplerContract):
+    """LoftUp (D=384), the publisher's pytorch_model.bin layout with random weights; a small tile budget so the
+    contract runs through several tiles."""
+
+    channels = 384
+    grad_case = ((2, 3), (8, 12))
+
+    def make(self):
+        import featup_ops
+
+        up = featup_ops.load_upsampler(f"loftup:dinov2s={FIXTURES / 'loftup' / 'pytorch_model.bin.xz'}")
+        up.max_tile_bytes = 1 << 20
+        return up
+
+
+class TestAnyUp(UpsamplerContract):
+    """AnyUp (any C), the publisher's .pth layout with random weights; a small tile budget so the contract runs
+    through the tiled path. Its file's value and output projections are loaded but never used (as upstream)."""
+
+    unused_parameters = ("cross_decode.cross_attn.attention.out_proj.weight",
+                         "cross_decode.cross_attn.attention.out_proj.bias")
+
+    def make(self):
+        import featup_ops
+
+        up = featup_ops.load_upsampler(f"anyup:paper={FIXTURES / 'anyup' / 'anyup_paper.pth'}")
+        up.max_tile_bytes = 1 << 16
+        return up

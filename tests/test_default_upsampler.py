@@ -13,11 +13,12 @@ from featup_ops.defaults import SHIPPED_JBU, SHIPPED_JBU_HASH
 
 
 def test_shipped_checkpoint_loads_with_its_config_and_hash():
-    path = featup_ops.default_upsampler_for("efficientnet_lite0")
-    assert Path(path) == SHIPPED_JBU
+    spec = featup_ops.default_upsampler_for("efficientnet_lite0")
+    assert spec == "jbu:lite0"
     assert sum(f.stat().st_size for f in SHIPPED_JBU.iterdir()) < 1_000_000  # small enough to ship
-    up = featup_ops.load_upsampler(path)
-    assert featup_ops.checkpoint_hash(path) == up.checkpoint_hash == SHIPPED_JBU_HASH
+    up = featup_ops.load_upsampler(spec)
+    assert featup_ops.checkpoint_hash(SHIPPED_JBU) == up.checkpoint_hash == SHIPPED_JBU_HASH
+    assert up.upsampler_spec == "jbu:lite0" and Path(up.weights_path) == SHIPPED_JBU
     cfg = up.config_dict()
     assert cfg["kind"] == "jbu" and cfg["dim"] is None and cfg["jbu"]["fixup"] is True
     assert up.channel_agnostic and up.checkpoint_meta["backbone"] == "efficientnet_lite0"
@@ -28,12 +29,17 @@ def test_shipped_checkpoint_loads_with_its_config_and_hash():
 
 
 @pytest.mark.parametrize(
-    "backbone, shipped",
-    [("efficientnet_lite0", True), ("resnet50", True), ("dino_vits16", False), ("dinov2_vits14", False),
-     ("dinov2_vits14_reg", False), ("clip_vitb16", False), ("vit_s16", False), ("convnext_tiny", False)],
+    "backbone, spec",
+    [("efficientnet_lite0", "jbu:lite0"), ("resnet50", "featup:resnet50"), ("dino_vits16", "featup:dino16"),
+     ("dinov2_vits14", "uplift:dinov2-s14"), ("dinov2_vits14_reg", "anyup:multi-backbone"),
+     ("clip_vitb16", "featup:clip"), ("vit_s16", "featup:vit"), ("convnext_tiny", "anyup:multi-backbone")],
 )
-def test_default_upsampler_is_the_shipped_jbu_at_stride_32_else_bilinear(backbone, shipped):
-    assert featup_ops.default_upsampler_for(backbone) == (str(SHIPPED_JBU) if shipped else None)
+def test_default_upsampler_per_backbone_is_a_published_one(backbone, spec):
+    assert featup_ops.default_upsampler_for(backbone) == spec
+    from featup_ops.upsampler_spec import parse_upsampler_spec
+
+    parsed = parse_upsampler_spec(spec)  # every default names a registered kind and variant
+    assert parsed.kind != "path" and parsed.text == spec
 
 
 def _two_tone_photos(n: int, size: int) -> list[np.ndarray]:

@@ -50,7 +50,7 @@ def made(ray_local, copy_samples, tmp_path_factory):
     store = str(root / "base.zarr")
     result = run_featurize(
         FeaturizeConfig(
-            input=str(images), output=store, backbone=BACKBONE, weights="random", input_size=INPUT,
+            input=str(images), output=store, backbone=BACKBONE, weights="random", input_size=INPUT, upsampler="bilinear",
             rows_per_shard=ROWS_PER_SHARD, dtype="float32", actor_cpus=0.5, batch_size=4, quiet=True,
             implicit=True, implicit_size=IMPLICIT_SIZE, implicit_preset=_tiny_cfg(), implicit_gpus=0,
             implicit_cpus=0.5,

@@ -40,6 +40,7 @@ def _featurize(images: Path, out: str, **kw):
 
     return run_featurize(FeaturizeConfig(
         input=str(images), output=out, backbone=BACKBONE, weights="random", input_size=INPUT, rows_per_shard=2,
+        upsampler="bilinear",
         dtype="float16", pca=PCA, actor_cpus=0.5, batch_size=4, quiet=True, implicit=True,
         implicit_size=IMPLICIT_SIZE, implicit_preset=_tiny_cfg(), implicit_gpus=0, implicit_cpus=0.5, **kw,
     ))

@@ -425,6 +425,9 @@ def test_local_head_script_listens_on_loopback_only_and_requires_the_token(short
     finally:
         stop = subprocess.run([str(INFRA / "stop_ray.sh")], env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
+    # A clean stop: `ray start --block` stopped its raylet, GCS and the rest on SIGTERM, without the SIGKILL fallback
+    # (a head stopped while a job runs: tests/test_job_submit.py).
+    assert "ray head: stopped" in stop.stderr and "killed what was left" not in stop.stderr, stop.stderr
     assert not session_pids(sid), "processes of the head survived stop_ray.sh"
     assert not (tmp_path / "ray" / "head.pid").exists()
 

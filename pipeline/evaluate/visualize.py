@@ -189,7 +189,7 @@ def render_image(
         out: PNG path to write.
         backbone: ``featup_ops`` backbone preset name.
         weights: backbone weights (None = timm pretrained from the local cache, a file, or "random").
-        upsampler: upsampler checkpoint directory; None = ``featup_ops.default_upsampler_for(backbone)``.
+        upsampler: an upsampler spec (``featup_ops.load_upsampler``); None = the backbone's default.
         input_size: input size in pixels, one side (square) or ``(H, W)``; multiples of the backbone stride.
         policy: resize policy, "crop" or "pad", as in the featurize job.
         storage_options: fsspec options for s3:// inputs.
@@ -198,25 +198,25 @@ def render_image(
         The written path.
     """
     import featup_ops
-    from pipeline.io.decode import check_size, decode_image, normalize, size_hw
+    from pipeline.io.decode import check_size, decode_image, size_hw
     from pipeline.errors import DecodeError
     from pipeline.io.sources import read_bytes
     from pipeline.io.storage import access_errors
 
-    model = featup_ops.load_backbone(backbone, weights)
-    path = upsampler or featup_ops.default_upsampler_for(backbone)
-    up = featup_ops.load_upsampler(path, storage_options=storage_options) if path else featup_ops.BilinearUpsampler()
+    from pipeline.featurize.stages import featurize_pixels
+
+    model = featup_ops.load_backbone(backbone, weights).eval()
+    up = featup_ops.load_upsampler(upsampler or featup_ops.default_upsampler_for(backbone),
+                                   storage_options=storage_options, backbone=backbone)
     with access_errors(f"image {image!r}"):
         data = read_bytes(image, storage_options)
     try:
         decoded = decode_image(data, size=size_hw(check_size(input_size, "--input-size")), policy=policy)
     except DecodeError as e:
         raise DecodeError(f"image {image!r}: {e.reason}") from e
-    x = normalize(decoded.pixels[None], model.mean, model.std)
-    x = torch.as_tensor(x, dtype=torch.float32)
-    low = model(x)
-    high = up(low, x)
-    pic = feature_picture(np.asarray(decoded.pixels), low[0], high[0])
+    pixels = np.asarray(decoded.pixels)
+    low, high = featurize_pixels(pixels[None], model, up, output_size=pixels.shape[:2], batch_size=1)
+    pic = feature_picture(pixels, low[0], high[0])
     return save_png(pic, out)
 
 
@@ -225,14 +225,15 @@ class VisualizeConfig:
     """Settings of ``jobs/visualize.py`` (its flags are these fields): rows of a store (``store`` + ``rows``) or
     one image through a backbone (``image`` + ``backbone``)."""
 
-    out: str = flag(help="output folder")
-    store: str | None = flag(None, "feature store (local or s3://); with --rows")
-    image: str | None = flag(None, "one image file (local or s3://); with --backbone")
+    out: str = flag(help="output folder", path="output")
+    store: str | None = flag(None, "feature store (local or s3://); with --rows", path="input")
+    image: str | None = flag(None, "one image file (local or s3://); with --backbone", path="input")
     rows: tuple[int, ...] = flag((0,), "store rows to draw")
     array: Literal["hires", "implicit"] = flag("hires", "store array shown as high-res")
     backbone: str | None = flag(None, "featup_ops backbone preset (with --image)")
-    weights: str | None = flag(None, "backbone weights: file, s3:// URI or 'random'")
-    upsampler: str | None = flag(None, "upsampler checkpoint dir; default: featup_ops.default_upsampler_for(backbone)")
+    weights: str | None = flag(None, "backbone weights: file, s3:// URI or 'random'", path="input")
+    upsampler: str | None = flag(None, "upsampler spec (KIND[:VARIANT][=PATH], a checkpoint dir or .ckpt); "
+                                       "default: the backbone's (featup_ops.default_upsampler_for)", path="input")
     input_size: int | tuple[int, int] = flag(
         224, "input: one side (square) or H W, multiples of the stride (with --image)", metavar="SIDE")
     policy: Literal["crop", "pad"] = flag("crop", "resize policy (with --image)")

@@ -34,9 +34,11 @@ def check_on_read(upsampler: Any, pca: int | None) -> None:
 
 
 def featurize_lowres(
-    pixels: np.ndarray, backbone: Any, *, batch_size: int, pca: Any = None, out_dtype: str = "float32"
+    pixels: np.ndarray, backbone: Any, *, batch_size: int, pca: Any = None, out_dtype: str = "float32",
+    prepare: Any = None,
 ) -> Any:
-    """Backbone (+ PCA) only: ``(B, H, W, 3) uint8`` -> ``(B, C, h, w)`` tensor of ``out_dtype`` on the CPU.
+    """Backbone (+ the upsampler's low-res preprocessing ``prepare``, + PCA) only: ``(B, H, W, 3) uint8`` ->
+    ``(B, C, h, w)`` tensor of ``out_dtype`` on the CPU.
 
     The same operations as :func:`pipeline.featurize.stages.featurize_pixels`' low-res output.
     """
@@ -54,6 +56,8 @@ def featurize_lowres(
         for start in range(0, len(pixels), batch_size):
             x = normalize(pixels[start : start + batch_size], backbone.mean, backbone.std).to(device)
             low = backbone(x)
+            if prepare is not None:
+                low = prepare(low)
             if pca is not None:
                 low = apply_pca(low, pca)
             low = low.to(dtype)
@@ -73,6 +77,7 @@ def compact_output(featurizer: Any, batch: dict[str, np.ndarray]) -> dict[str, n
     """
     import torch
 
+    from featup_ops.guidance import split_upsampler
     from pipeline.featurize.stages import unit_output  # stages imports this module lazily: no cycle
 
     spec = featurizer.spec
@@ -87,7 +92,8 @@ def compact_output(featurizer: Any, batch: dict[str, np.ndarray]) -> dict[str, n
     low_t = torch.zeros((units * s, c, pixels.shape[2] // stride, pixels.shape[3] // stride), dtype=dt)
     if good.size:
         low = featurize_lowres(
-            flat[good], featurizer.backbone, batch_size=spec.batch_size, pca=featurizer.pca, out_dtype=spec.dtype
+            flat[good], featurizer.backbone, batch_size=spec.batch_size, pca=featurizer.pca, out_dtype=spec.dtype,
+            prepare=split_upsampler(featurizer.upsampler)[0],
         )
         low_t.index_copy_(0, torch.from_numpy(good), low)
     guidance = np.where(ok.reshape(-1)[:, None, None, None], flat, 0).astype(np.uint8, copy=False)

@@ -25,16 +25,19 @@ class FeaturizeConfig(ImplicitFlags):
     and readers produce ``hires`` (:mod:`pipeline.store.compact`).
     """
 
-    input: str = flag(help="COCO root, folder/prefix of images, tar shard(s) or parquet file(s); local or s3://")
-    output: str = flag(help="store path or s3:// URI (Zarr v3 group)")
+    input: str = flag(help="COCO root, folder/prefix of images, tar shard(s) or parquet file(s); local or s3://",
+                      path="input")
+    output: str = flag(help="store path or s3:// URI (Zarr v3 group)", path="output")
     kind: Literal["auto", "coco", "folder", "tar", "parquet"] = flag("auto", "input kind (default: detect)")
     split: str | None = flag(None, "COCO split, e.g. val2017 (with --kind coco)")
     limit: int | None = flag(None, "featurize only the first N images")
     backbone: str = flag("efficientnet_lite0", "featup_ops backbone name")
-    weights: str | None = flag(None, "backbone weights: default for the preset, 'random', or a path / s3:// URI")
+    weights: str | None = flag(None, "backbone weights: default for the preset, 'random', or a path / s3:// URI",
+                               path="input")
     upsampler: str | None = flag(
-        None, "upsampler checkpoint dir or FeatUp .ckpt (path or s3://); default: the backbone's "
-        "(featup_ops.default_upsampler_for: the shipped JBU for stride-32 presets, else bilinear)")
+        None, "upsampler spec: bilinear, bilateral, jbu, KIND:VARIANT (publisher's weights, fetched once; "
+        "featup_ops.list_upsamplers()), KIND:VARIANT=PATH_OR_URI (that file), or a checkpoint dir / FeatUp .ckpt; "
+        "default: the backbone's (featup_ops.default_upsampler_for; docs/upsamplers.md)", path="input")
     input_size: int | tuple[int, int] = flag(
         224, "backbone input: one side (square) or H W, multiples of the stride", metavar="SIDE")
     output_size: int | tuple[int, int] | None = flag(

@@ -145,10 +145,11 @@ class FitImplicitConfig(ImplicitFlags):
     """Settings of the second pass (``jobs/fit_implicit.py``; its flags are these fields, the ``implicit_*`` ones
     shared with the featurize job through :class:`ImplicitFlags`)."""
 
-    store: str = flag(help="feature store URI (local path or s3://...)")
+    store: str = flag(help="feature store URI (local path or s3://...)", path="output")
     rows: tuple[int, ...] | None = flag(None, "only these row indices (default: all complete rows)")
     limit: int | None = flag(None, "at most this many rows")
-    weights: str | None = flag(None, "backbone weights the store was made with (default: the store's record)")
+    weights: str | None = flag(None, "backbone weights the store was made with (default: the store's record)",
+                               path="input")
     storage_options: dict[str, Any] | None = flag(
         None, 'fsspec options as JSON for the store, the images and the weights, e.g. \'{"anon": true}\'',
         compare=False)

@@ -103,8 +103,8 @@ class MaterializeConfig:
     """Settings of ``jobs/materialize.py`` (its flags are these fields); :func:`run_materialize` takes them as
     keywords."""
 
-    source: str = flag(help="the on-read store (path or s3:// URI)")
-    output: str = flag(help="the materialized store to write (path or s3:// URI)")
+    source: str = flag(help="the on-read store (path or s3:// URI)", path="input")
+    output: str = flag(help="the materialized store to write (path or s3:// URI)", path="output")
     rows_per_shard: int | None = flag(None, "target images per shard (default ~64 MiB)")
     num_actors: int = flag(1, "materializer actors (one GPU each when present)")
     actor_cpus: float = flag(1.0, "CPUs per CPU actor")

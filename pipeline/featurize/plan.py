@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from pipeline.cli import init_ray
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StoreError
 from pipeline.featurize.config import FeaturizeConfig
 from pipeline.featurize.progress import Progress, start_board
 from pipeline.featurize.resolve import PlanJob, counts_before, resolve_featurize
@@ -93,12 +93,13 @@ def run_featurize(cfg: FeaturizeConfig) -> dict[str, Any]:
         _say(cfg.quiet, f"featurize: resuming {cfg.output}: {before['complete'] + before['failed']} rows done, "
                         f"{len(job.units)} of {schema.num_shards} shards to go")
     written = run_plan(job)
-    ckpt = job.model.upsampler if job.model is not None else None  # the resolved checkpoint (default included)
-    if schema.on_read and ckpt:  # the compact store keeps its own copy of the checkpoint (issue 14)
+    source = job.extra_attrs.get("upsampler_source")  # the file or folder the job loaded (None: bilinear...)
+    if schema.on_read and source:  # the compact store keeps its own copy of the weights (issue 14)
         from pipeline.store.compact import store_upsampler
 
         store_upsampler(open_store(cfg.output, mode="r+", storage_options=cfg.storage_options), cfg.output,
-                        ckpt, job.settings["upsampler_checkpoint_hash"], storage_options=cfg.storage_options)
+                        source, job.settings["upsampler_checkpoint_hash"], spec=job.settings["upsampler_spec"],
+                        storage_options=cfg.storage_options)
     counts = status_counts(open_store(cfg.output, storage_options=cfg.storage_options))
     seconds = time.monotonic() - t_start
     new = counts["complete"] + counts["failed"] - before["complete"] - before["failed"]
@@ -130,12 +131,15 @@ def _stage_counts(job: PlanJob, before: dict[str, tuple[int, int]]) -> Any:
     import numpy as np
 
     def counts() -> dict[str, tuple[int, int, int, int]]:
-        group = open_store(job.uri, storage_options=job.storage_options)
+        try:
+            group = open_store(job.uri, storage_options=job.storage_options)
+        except StoreError:  # a new store: the sink creates it once the first unit reaches it (nothing written)
+            group = None
         out = {}
         if job.model is not None:
-            c = status_counts(group)
+            c = status_counts(group) if group is not None else {"complete": 0, "failed": 0}
             out["featurize"] = (c["complete"] + c["failed"], c["failed"], job.schema.n_rows, before["featurize"])
-        if job.fitter is not None and IMPLICIT_STATUS in group:
+        if job.fitter is not None and group is not None and IMPLICIT_STATUS in group:
             st = np.asarray(group[IMPLICIT_STATUS][:])
             done = int((st != Status.PENDING).sum())
             out["implicit"] = (done, int((st == Status.FAILED).sum()), before["implicit"] + job.pending_fits,
@@ -191,6 +195,7 @@ def run_plan(job: PlanJob) -> dict[str, Any]:
     ds = ds.map_batches(
         decode_units, fn_kwargs={"spec": job.decode}, batch_size=1, batch_format="numpy", num_cpus=res.decode_cpus
     )
+    board = start_board()  # rows the featurizers finish and the fitters' steps, for the progress lines
     if job.model is not None:
         gpus = _cluster_gpus() if res.num_gpus is None else res.num_gpus
         if gpus > 0:
@@ -201,20 +206,18 @@ def run_plan(job: PlanJob) -> dict[str, Any]:
             pool = ActorPoolStrategy(size=res.num_actors)
         ds = ds.map_batches(
             Featurizer,
-            fn_constructor_kwargs={"spec": job.model, "keep": job.fitter is not None},
+            fn_constructor_kwargs={"spec": job.model, "keep": job.fitter is not None, "board": board},
             # units per call: enough rows for one forward batch (a unit may hold fewer rows than batch_size)
             batch_size=max(1, res.batch_size // job.schema.rows_per_shard),
             batch_format="numpy",
             compute=pool,
             **resources,
         )
-    board = None
     if job.fitter is not None:
         stage, fitter = job.stage, job.fitter
         if stage.gpus is None:
             stage = dataclasses.replace(stage, gpus=default_implicit_gpus())
             fitter = dataclasses.replace(fitter, use_gpu=stage.gpus > 0)
-        board = start_board()
         ds = ds.map_batches(
             ImplicitFitter, fn_constructor_kwargs={"spec": fitter, "board": board}, batch_size=1,
             batch_format="numpy", **actor_resources(stage),

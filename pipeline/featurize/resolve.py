@@ -102,12 +102,15 @@ def _check_sizes(cfg: FeaturizeConfig, stride: int, dim: int) -> None:
         raise ConfigError(f"--pca {cfg.pca} is more than the {dim} channels of {cfg.backbone!r}")
 
 
-def _fit_pca_basis(cfg: FeaturizeConfig, manifest: Manifest, model: ModelSpec) -> dict[str, Any]:
-    """Fit the PCA basis on the low-res features of the first ``pca_fit_images`` decodable images.
+def _fit_pca_basis(cfg: FeaturizeConfig, manifest: Manifest, upsampler: Any) -> dict[str, Any]:
+    """Fit the PCA basis on the low-res features of the first ``pca_fit_images`` decodable images (after the
+    upsampler's own low-res preprocessing, as they are stored).
 
     Low-res features suffice: the upsamplers output per-pixel (nearly convex, for a JBU with the kernel fix-up)
     combinations of low-res features, so high-res features lie in their span (and near their mean).
     """
+    from featup_ops.guidance import split_upsampler
+
     import featup_ops
     import torch
 
@@ -129,7 +132,7 @@ def _fit_pca_basis(cfg: FeaturizeConfig, manifest: Manifest, model: ModelSpec) -
     with torch.inference_mode():
         for start in range(0, len(pixels), cfg.batch_size):
             x = normalize(np.stack(pixels[start : start + cfg.batch_size]), backbone.mean, backbone.std)
-            feats.append(backbone(x))
+            feats.append(split_upsampler(upsampler)[0](backbone(x)))
     return fit_pca(torch.cat(feats), cfg.pca).to_dict()
 
 
@@ -140,6 +143,15 @@ def _unit(manifest: Manifest, schema: FeatureStoreSchema, k: int, fit_rows: list
         meta["rows"] = list(range(start, stop))
         meta["fit_rows"] = fit_rows
     return {"shard": k, "start": start, "meta": json.dumps(meta)}
+
+
+def _attribute(upsampler: Any, quiet: bool) -> None:
+    """Print the attribution a published upsampler's licence asks for (AnyUp: CC-BY-4.0)."""
+    from featup_ops.published import KINDS
+
+    entry = getattr(upsampler, "published", None)
+    if entry is not None and KINDS[entry.kind].attribution and not quiet:
+        print(f"featurize: upsampler {entry.spec}: {KINDS[entry.kind].attribution}", flush=True)
 
 
 def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
@@ -154,6 +166,7 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     """
     from featup_ops.backbones import describe_backbone
     from featup_ops.defaults import default_upsampler_for
+    from featup_ops.upsampler_spec import check_fits_backbone
 
     manifest = build_manifest(
         cfg.input, kind=cfg.kind, split=cfg.split, limit=cfg.limit, storage_options=cfg.storage_options
@@ -163,11 +176,17 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     _check_sizes(cfg, info.stride, info.dim)
     model = ModelSpec(
         backbone=cfg.backbone, weights=cfg.weights, output_size=cfg.output_hw,
-        upsampler=cfg.upsampler or default_upsampler_for(cfg.backbone),  # None: bilinear
+        upsampler=cfg.upsampler or default_upsampler_for(cfg.backbone),
         dtype=cfg.dtype, batch_size=cfg.batch_size, storage_options=cfg.storage_options,
         torch_threads=cfg.torch_threads, hires_mode=cfg.hires,
     )
     upsampler = build_upsampler(model)  # validates the checkpoint; its hash comes with it (one read)
+    check_fits_backbone(upsampler.published, upsampler, backbone=cfg.backbone, dim=info.dim, stride=info.stride)
+    _attribute(upsampler, cfg.quiet)
+    if upsampler.published is not None:  # fetched/read once here; the actors get the bytes, not a download each
+        from featup_ops.tensor_files import read_file_bytes
+
+        model = dataclasses.replace(model, upsampler_data=read_file_bytes(upsampler.weights_path, cfg.storage_options))
     on_read = cfg.hires == "on-read"  # compact store mode (pipeline/featurize/compact.py)
     if on_read:
         from pipeline.featurize.compact import check_on_read
@@ -188,7 +207,9 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
         "weights_hash": info.weights_hash,
         "stride": info.stride,
         "upsampler": upsampler.config_dict(),
-        "upsampler_checkpoint_hash": getattr(upsampler, "checkpoint_hash", None) if model.upsampler else None,
+        "upsampler_spec": upsampler.upsampler_spec,  # KIND[:VARIANT]; the hash says which file
+        "upsampler_checkpoint_hash": upsampler.checkpoint_hash,
+        "lowres_normalized": upsampler.lowres_normalized,  # lowres stored after the kind's own normalisation
         "input_size": list(input_hw),
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
         "resize_policy": cfg.policy,
@@ -202,7 +223,7 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     if attrs is not None:
         pca = attrs.get("pca")
     else:
-        pca = None if cfg.pca is None else _fit_pca_basis(cfg, manifest, model)
+        pca = None if cfg.pca is None else _fit_pca_basis(cfg, manifest, upsampler)
     model = dataclasses.replace(model, pca=pca)
     decode = DecodeSpec(
         input_size=input_hw, policy=cfg.policy, min_side=info.stride,  # images smaller than one cell are refused
@@ -221,7 +242,7 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
         uri=cfg.output, schema=schema, settings=settings, units=units, decode=decode, model=model, fitter=fitter,
         stage=stage, implicit=identity, create=True,
         # settings_keys: what jobs/materialize.py carries over from a compact store into a materialized one
-        extra_attrs={"pca": pca, "settings_keys": sorted(settings)},
+        extra_attrs={"pca": pca, "settings_keys": sorted(settings), "upsampler_source": upsampler.weights_path},
         resources=PlanResources(cfg.num_gpus, cfg.num_actors, cfg.actor_cpus, cfg.decode_cpus, cfg.batch_size),
         resumed=existing is not None, pending_fits=pending_fits, storage_options=cfg.storage_options,
         progress_interval_s=cfg.progress_interval_s, quiet=cfg.quiet,

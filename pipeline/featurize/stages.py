@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.featurize.progress import count_forward_rows, report_rows
 from pipeline.io.decode import MAX_PIXELS, read_and_decode
 from pipeline.store.schema import Status, to_store_dtype
 
@@ -44,8 +45,8 @@ class ModelSpec:
     Attributes:
         backbone: backbone name for ``featup_ops.load_backbone``.
         weights: its ``weights`` argument.
-        upsampler: checkpoint path/URI for ``featup_ops.load_upsampler``, or None for the backbone's default
-            (``featup_ops.default_upsampler_for``: the shipped JBU checkpoint, or bilinear).
+        upsampler: an upsampler spec for ``featup_ops.load_upsampler`` (``uplift:dinov2-s14``, a checkpoint path,
+            ``bilinear``...), or None for the backbone's default (``featup_ops.default_upsampler_for``).
         output_size: ``(H, W)`` of the high-res features.
         dtype: store dtype name (``float16``, ``bfloat16``, ``float32``).
         batch_size: images per forward pass.
@@ -54,6 +55,8 @@ class ModelSpec:
         torch_threads: intra-op threads of the actor's torch (None: :func:`default_torch_threads`).
         hires_mode: ``materialized`` or ``on-read`` (no upsampling in the actor; see
             :func:`pipeline.featurize.compact.compact_output`).
+        upsampler_data: the publisher's weight file's bytes, read once on the driver (a published
+            ``KIND:VARIANT`` upsampler): the actors build from them, so no actor or node downloads anything.
     """
 
     backbone: str
@@ -66,6 +69,7 @@ class ModelSpec:
     storage_options: dict[str, Any] | None = None
     torch_threads: int | None = None
     hires_mode: str = "materialized"
+    upsampler_data: bytes | None = None
 
 
 def decode_units(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np.ndarray]:
@@ -148,26 +152,30 @@ def featurize_pixels(
     from pipeline.io.decode import normalize
     from featup_ops.pca import apply_pca
 
+    from featup_ops.guidance import guidance_image, split_upsampler
+
     device = next(iter(backbone.parameters())).device
     dtype = getattr(torch, out_dtype)
     n = len(pixels)
     if n == 0:
         raise ValueError("featurize_pixels: no images given (pixels has 0 rows)")
+    prepare, upsample = split_upsampler(upsampler)
     lows = highs = None
     with torch.inference_mode():
         for start in range(0, len(pixels), batch_size):
             x = normalize(pixels[start : start + batch_size], backbone.mean, backbone.std).to(device)
-            low = backbone(x)
+            g = guidance_image(x, backbone.mean, backbone.std)  # ImageNet-normalised, as every upsampler expects
+            low = prepare(backbone(x))  # the kind's own low-res preprocessing (FeatUp ChannelNorm, LoftUp): stored
             if pca is not None and getattr(upsampler, "channel_agnostic", False):
                 # The upsampler is linear in the features (per-pixel weights from the image only), so
                 # P(up(f) - m) = up(P f) - P m, exact even where the weights do not sum to 1 (FeatUp's kernel
                 # fix-up): upsample k channels instead of C (C/k less work).
                 comps = torch.as_tensor(pca.components, dtype=low.dtype, device=low.device)
                 shift = comps @ torch.as_tensor(pca.mean, dtype=low.dtype, device=low.device)
-                high = upsampler(torch.einsum("kc,bchw->bkhw", comps, low), x, output_size) - shift.view(1, -1, 1, 1)
+                high = upsample(torch.einsum("kc,bchw->bkhw", comps, low), g, output_size) - shift.view(1, -1, 1, 1)
                 low = apply_pca(low, pca)
             else:
-                high = upsampler(low, x, output_size)
+                high = upsample(low, g, output_size)
                 if pca is not None:
                     low, high = apply_pca(low, pca), apply_pca(high, pca)
             low, high = low.to(dtype), high.to(dtype)
@@ -203,15 +211,14 @@ def unit_output(batch: dict[str, np.ndarray], ok: np.ndarray, **arrays: np.ndarr
 
 
 def build_upsampler(spec: ModelSpec, device: str = "cpu") -> Any:
-    """The upsampler a spec names: its checkpoint (``featup_ops.load_upsampler``, which also sets
-    ``.checkpoint_hash``), or the job's default. The one place the upsampler is chosen; cheap to build."""
+    """The upsampler a spec names (``featup_ops.load_upsampler``, which also sets ``.upsampler_spec`` and
+    ``.checkpoint_hash``), or the backbone's default. The one place the upsampler is chosen."""
     import featup_ops
 
-    path = spec.upsampler or featup_ops.default_upsampler_for(spec.backbone)
-    if path:  # backbone=: a FeatUp .ckpt made for another backbone is refused with one line
-        upsampler = featup_ops.load_upsampler(path, storage_options=spec.storage_options, backbone=spec.backbone)
-    else:  # no checkpoint applies to this backbone
-        upsampler = featup_ops.BilinearUpsampler()
+    name = spec.upsampler or featup_ops.default_upsampler_for(spec.backbone)
+    # backbone=: a file made for another backbone (channels, patch size) is refused with one line
+    upsampler = featup_ops.load_upsampler(name, storage_options=spec.storage_options, backbone=spec.backbone,
+                                          data=spec.upsampler_data)
     return upsampler.to(device).eval()
 
 
@@ -229,9 +236,12 @@ class Featurizer:
     Args:
         spec: the :class:`ModelSpec`.
         keep: pass ``pixels`` and ``ok`` on (for an implicit stage after this one).
+        board: a :class:`pipeline.featurize.progress.ProgressBoard` handle, or None: rows are reported to it as
+            the backbone finishes each forward batch (decode failures as each call starts), for progress lines
+            that move between shard writes.
     """
 
-    def __init__(self, spec: ModelSpec, keep: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, keep: bool = False, board: Any = None) -> None:
         import torch
 
         from featup_ops.pca import PCABasis
@@ -243,6 +253,8 @@ class Featurizer:
             torch.set_num_threads(spec.torch_threads or default_torch_threads())
         self.backbone, self.upsampler = build_models(spec, self.device)
         self.pca = PCABasis.from_dict(spec.pca) if spec.pca else None
+        self.board = board
+        count_forward_rows(self.backbone, board, "featurize")  # both store modes run every good row through it
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Featurize the good rows of each unit.
@@ -255,6 +267,9 @@ class Featurizer:
             and ``hires (U, S, C, H, W)`` in the store dtype (bfloat16 as uint16 bits; failed rows zero);
             ``status (U, S) uint8`` (``Status.COMPLETE`` or ``Status.FAILED``).
         """
+        if self.board is not None:  # rows that failed to decode are done (and failed) at once
+            failed = int(np.sum(batch["n"])) - int(np.count_nonzero(batch["ok"]))
+            report_rows(self.board, "featurize", failed, failed)
         if self.spec.hires_mode == "on-read":  # compact store (issue 14): lowres + guidance, no upsampling
             from pipeline.featurize.compact import compact_output
 

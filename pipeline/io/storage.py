@@ -3,6 +3,13 @@
 s3fs (through botocore) already reads credentials from the usual AWS variables; the endpoint of an S3-compatible
 server is taken from ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) unless ``storage_options`` names one, so the
 same URI works against AWS, MinIO or the moto server the tests start on 127.0.0.1.
+
+Throttling (``503 SlowDown``) and dropped connections are retried by botocore's retry handler, configured by
+``config_kwargs={"retries": {...}}``. Unless the options or ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` say otherwise,
+s3 options get :data:`DEFAULT_S3_RETRIES`. botocore's own default ("legacy", 5 tries) gives up on about one request
+in 40,000 when 12% of requests fail (0.12**5; 25 in a million requests), and its backoff is not capped, so it does not
+take more tries well. s3fs adds an outer loop of its own (5 tries, for 503 answers whose body says ``SlowDown``, not
+the bodiless 503 of a HEAD; not a storage option).
 """
 from __future__ import annotations
 
@@ -15,11 +22,17 @@ import fsspec
 
 from pipeline.errors import PipelineError, StorageAccessError
 
-__all__ = ["filesystem", "resolve_storage_options", "is_remote", "join", "describe_failure", "access_errors",
-           "check_writable"]
+__all__ = ["DEFAULT_S3_RETRIES", "filesystem", "resolve_storage_options", "is_remote", "join", "describe_failure",
+           "access_errors", "check_writable"]
 
 #: Environment variables holding an S3 endpoint URL, most specific first (botocore's own names).
 ENDPOINT_ENV_VARS: tuple[str, ...] = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+#: botocore's retry settings for s3 when neither the options nor the environment give any: "standard" mode (retries
+#: 500/502/503/504, throttling codes such as SlowDown and connection errors; jittered backoff capped at 20 s) with
+#: 10 tries in all, so a request is lost only after 10 failures in a row (0.12**10 ~ 6e-10 at 12% failures).
+DEFAULT_S3_RETRIES: dict[str, Any] = {"mode": "standard", "total_max_attempts": 10}
+#: Environment variables by which botocore takes retry settings; when one is set, the environment decides.
+RETRY_ENV_VARS: tuple[str, ...] = ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 
 
 def is_remote(uri: str) -> bool:
@@ -32,7 +45,9 @@ def _protocol(uri: str) -> str:
 
 
 def resolve_storage_options(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """fsspec options for ``uri``: ``storage_options`` plus the S3 endpoint from the environment.
+    """fsspec options for ``uri``: ``storage_options`` plus the S3 endpoint from the environment and, for s3, the
+    retry settings :data:`DEFAULT_S3_RETRIES` where neither ``config_kwargs["retries"]`` nor :data:`RETRY_ENV_VARS`
+    give any (``retries`` given in the options replace the default whole).
 
     Args:
         uri: a local path or an fsspec URI (``s3://bucket/key``).
@@ -51,6 +66,13 @@ def resolve_storage_options(uri: str, storage_options: dict[str, Any] | None = N
                     break
         if client_kwargs:
             opts["client_kwargs"] = client_kwargs
+        config_kwargs = dict(opts.get("config_kwargs") or {})
+        if "retries" in config_kwargs:  # a copy: botocore rewrites the dict it is given
+            config_kwargs["retries"] = dict(config_kwargs["retries"] or {})
+        elif not any(os.environ.get(v) for v in RETRY_ENV_VARS):
+            config_kwargs["retries"] = dict(DEFAULT_S3_RETRIES)
+        if config_kwargs:
+            opts["config_kwargs"] = config_kwargs
     return opts
 
 
@@ -91,10 +113,38 @@ def is_storage_failure(e: BaseException) -> bool:
     return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "s3fs")
 
 
+#: Error codes and HTTP statuses of an object store's "slow down" answers (S3, MinIO, GCS's S3 API).
+THROTTLE_CODES: frozenset[str] = frozenset(
+    {"SlowDown", "ServiceUnavailable", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+     "TooManyRequests", "RequestThrottled", "503", "429"})
+#: The storage options to add when throttling outlasts the retries (docs/featurize.md, "Throttling and retries").
+MORE_RETRIES_HINT: str = '{"config_kwargs": {"retries": {"mode": "adaptive", "total_max_attempts": 20}}}'
+
+
+def is_throttled(e: BaseException) -> bool:
+    """True when ``e`` (or an exception it was raised from) is an object store's throttling answer (503 SlowDown,
+    429): botocore's ``ClientError`` carries it in ``response``; s3fs re-raises it as ``OSError(EBUSY)`` from it."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        response = getattr(cur, "response", None)
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = str((response.get("ResponseMetadata") or {}).get("HTTPStatusCode", ""))
+            if code in THROTTLE_CODES or status in ("503", "429"):
+                return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def describe_failure(e: BaseException) -> str:
     """Why a storage call failed and what fixes it, in one line (botocore's errors are told apart by class name, so
     this module does not import botocore)."""
     name = type(e).__name__
+    if is_throttled(e):
+        return (f"the object store kept answering 'slow down' (503/429) until the retries ran out ({_one_line(e)}); "
+                f"retry later, or add more tries and adaptive backoff to --storage-options: {MORE_RETRIES_HINT}")
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return ("no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
                 "or pass them in --storage-options")

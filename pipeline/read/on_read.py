@@ -3,7 +3,7 @@
 An on-read store keeps ``lowres`` (store dtype), ``guidance`` (``uint8`` input image) and its upsampler
 (:mod:`pipeline.store.compact`). :func:`hires_from_compact` runs the materialized mode's computation on them::
 
-    hires = cast_to_store_dtype( upsampler( lowres + s, normalize(guidance), size ) - s ) -> float32
+    hires = cast_to_store_dtype( upsample( lowres + s, imagenet(normalize(guidance)), size ) - s ) -> float32
 
 with ``s = P m`` for a store with a PCA basis (components P, mean m; 0 without PCA), so values equal a materialized
 store made with the same settings within the store dtype's rounding: the materialized mode computes
@@ -72,7 +72,8 @@ def hires_from_compact(
         lowres: ``(B, C, h, w)`` stored low-res features in the storage dtype (``bfloat16`` as ``uint16`` bits), a
             numpy array or tensor.
         guidance: ``(B, H, W, 3) uint8`` stored guidance images.
-        upsampler: the store's upsampler (``up(feats, image, size)``), on ``device``.
+        upsampler: the store's upsampler (``up(feats, image, size)``), on ``device``; kinds that normalise the
+            low-res features themselves get them as stored (already normalised) through ``upsample_prepared``.
         mean, std: the backbone's normalisation (the store's ``normalization`` attribute).
         dtype: the store dtype (``float16``, ``bfloat16``, ``float32``): the result is rounded to it, as stored.
         size: ``(Ho, Wo)`` of the output.
@@ -85,8 +86,10 @@ def hires_from_compact(
     """
     import torch
 
+    from featup_ops.guidance import guidance_image, split_upsampler
     from pipeline.store.schema import to_torch
 
+    upsample = split_upsampler(upsampler)[1]  # stored lowres are already prepared (FeatUp ChannelNorm, LoftUp)
     low = lowres if isinstance(lowres, torch.Tensor) else to_torch(np.asarray(lowres), dtype)
     img = guidance if isinstance(guidance, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(guidance))
     n = int(low.shape[0])
@@ -100,8 +103,8 @@ def hires_from_compact(
             f = low[a : a + batch_size].to(device, non_blocking=True).to(torch.float32)
             # the same operations as pipeline.io.decode.normalize, on the device
             x = img[a : a + batch_size].to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
-            x = x.div_(255.0).sub_(m).div_(s)
-            high = upsampler(f, x, size) if shift is None else upsampler(f + shift, x, size) - shift
+            x = guidance_image(x.div_(255.0).sub_(m).div_(s), mean, std)  # as featurize_pixels: ImageNet
+            high = upsample(f, x, size) if shift is None else upsample(f + shift, x, size) - shift
             out[a : a + len(f)] = high.to(store_dt).to(torch.float32)
     return out
 

@@ -1,10 +1,14 @@
 """Checksums on every chunk, and what a damaged chunk becomes: one line naming the array, row and shard.
 
 Stores of format 2 (:data:`pipeline.store.schema.FORMAT_VERSION`) end every array's codec chain with Zarr v3's
-``crc32c`` codec: on the inner (one-row) chunks of the sharded feature arrays, and on the chunks of the small
-per-row arrays. A flipped bit anywhere in a chunk then fails its read (zarr raises ``ValueError: Stored and computed
-checksum do not match``) instead of decoding to wrong values; blosc has no checksum of its own, and the shard
-index's crc32c covers only the index. Format-1 stores (no ``crc32c``) read as before, unverified.
+``crc32c`` codec (:func:`pipeline.store.foreign.checksummed`, re-exported here): on the inner (one-row) chunks of
+the sharded feature arrays, and on the chunks of the small per-row arrays. A flipped bit anywhere in a chunk then
+fails its read (zarr raises ``ValueError: Stored and computed checksum do not match``) instead of decoding to wrong
+values; blosc has no checksum of its own, and the shard index's crc32c covers only the index. Format-1 stores (no
+``crc32c``) read as before, unverified.
+
+This module sits above :mod:`.zarr_store` (it opens stores to verify them); the codec chain lives in the lower
+:mod:`.foreign`, so the store's modules import one way only.
 
 ``python -m pipeline.store.checksum STORE [--reset]`` reads every complete row and lists the damaged ones; with
 ``--reset`` their shards are marked pending, so rerunning the featurize command rewrites them.
@@ -17,34 +21,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from zarr.codecs import Crc32cCodec
 
 from pipeline.errors import CorruptDataError
+from pipeline.store.foreign import checksummed, has_checksums
 
 __all__ = ["checksummed", "damage_error", "find_damaged_rows", "has_checksums", "is_damage",
            "main", "verify_store"]
 
 #: Messages of the decode failures a damaged chunk causes (zarr's crc32c check; blosc / zstd on old stores).
 _DAMAGE_TEXT: tuple[str, ...] = ("checksum", "decompress", "corrupt", "blosc", "zstd")
-
-
-def checksummed(compressors: Any) -> list[Any]:
-    """``compressors`` (a codec, a list of them or None) with ``crc32c`` appended: the bytes-to-bytes chain of a
-    format-2 array."""
-    if compressors is None:
-        chain: list[Any] = []
-    elif isinstance(compressors, (list, tuple)):
-        chain = list(compressors)
-    else:
-        chain = [compressors]
-    if not any(isinstance(c, Crc32cCodec) for c in chain):
-        chain.append(Crc32cCodec())
-    return chain
-
-
-def has_checksums(arr: Any) -> bool:
-    """True when ``arr``'s chunks (the inner chunks of a sharded array) carry a crc32c."""
-    return any(isinstance(c, Crc32cCodec) for c in getattr(arr, "compressors", ()) or ())
 
 
 def is_damage(e: BaseException) -> bool:

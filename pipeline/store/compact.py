@@ -3,14 +3,16 @@
 An on-read store (``hires_mode == "on-read"``, see :mod:`pipeline.store.schema`) keeps ``lowres`` and ``guidance``
 (the decoded, resized ``uint8`` input image) instead of ``hires``, and the upsampler that turns them into ``hires``:
 
-- a trained upsampler: its checkpoint files (``upsampler.safetensors`` + ``upsampler.json``, as
+- a trained JBU of ours: its checkpoint files (``upsampler.safetensors`` + ``upsampler.json``, as
   :func:`featup_ops.save_upsampler` writes them) copied into the sub-group ``upsampler/`` of the store; the
   checkpoint hash is part of the store's settings, so of its fingerprint;
+- a published upsampler (``featup:dinov2``, ``uplift:dinov2-s14``, ...): the publisher's file, byte for byte, as
+  ``upsampler/<file>``; its sha256 is the recorded hash, and readers load it as ``KIND:VARIANT=<store>/upsampler/<file>``;
 - the fixed bilateral / bilinear upsampler: its config (``attrs["upsampler"]``), nothing else.
 
 :func:`load_store_upsampler` rebuilds it for a reader and refuses, with one line naming it, a stored checkpoint that
 is missing, corrupt (sha256 recorded in its JSON) or not the one the store's settings name. Loading never unpickles
-(safetensors + JSON, :func:`featup_ops.checkpoint.load_upsampler`).
+(safetensors, or ``torch.load(weights_only=True)``; :func:`featup_ops.checkpoint.load_upsampler`).
 """
 from __future__ import annotations
 
@@ -35,41 +37,65 @@ def stored_upsampler_uri(store_uri: str) -> str:
     return store_uri.rstrip("/") + "/" + UPSAMPLER_GROUP
 
 
+def _stored_file(spec: str | None) -> str | None:
+    """The publisher's file name an on-read store keeps for a published spec (``uplift:dinov2-s14``), else None."""
+    from featup_ops.published import published_entry
+
+    kind, _, variant = str(spec or "").partition(":")
+    entry = published_entry(kind, variant) if variant else None
+    return entry.file if entry is not None else None
+
+
 def store_upsampler(
     group: zarr.Group,
     store_uri: str,
-    checkpoint: str,
+    source: str,
     checkpoint_hash: str,
     *,
+    spec: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> None:
-    """Copy an upsampler checkpoint directory into an on-read store (skipped when an identical copy is there).
+    """Copy the upsampler's weights into an on-read store (skipped when an identical copy is there).
 
     Args:
         group: the store, opened for writing.
         store_uri: its local path or ``s3://`` URI.
-        checkpoint: the checkpoint directory (path or URI) the job loaded.
-        checkpoint_hash: :func:`featup_ops.checkpoint.checkpoint_hash` of it (recorded in the store's settings).
+        source: what the job loaded: a publisher's file (for a published spec), or a checkpoint directory of ours.
+        checkpoint_hash: the hash the store's settings record (sha256 of a publisher's file; the
+            :func:`featup_ops.checkpoint.checkpoint_hash` of a directory).
+        spec: the store's ``upsampler_spec`` (``KIND:VARIANT``); decides which of the two is copied.
         storage_options: fsspec options for both.
     """
+    import hashlib
+
     from featup_ops.checkpoint import checkpoint_hash as hash_of
     from featup_ops.errors import CheckpointError
 
     dest = stored_upsampler_uri(store_uri)
-    try:
-        if hash_of(dest, storage_options=storage_options) == checkpoint_hash:
-            return  # resume: already copied
-    except (CheckpointError, OSError):
-        pass
+    file = _stored_file(spec)
+    dst_fs, dst = filesystem(dest, storage_options)
+    src_fs, src = filesystem(source, storage_options)
+
+    def stored_hash() -> str | None:
+        try:
+            if file is not None:
+                return hashlib.sha256(dst_fs.cat_file(dst.rstrip("/") + "/" + file)).hexdigest()
+            return hash_of(dest, storage_options=storage_options)
+        except (CheckpointError, OSError):
+            return None
+
+    if stored_hash() == checkpoint_hash:
+        return  # resume: already copied
     with access_errors(f"store {store_uri!r}"):
         if UPSAMPLER_GROUP not in group:
             group.create_group(UPSAMPLER_GROUP, attributes={"featup": {"checkpoint_hash": checkpoint_hash}})
-        src_fs, src = filesystem(checkpoint, storage_options)
-        dst_fs, dst = filesystem(dest, storage_options)
-        for name in _FILES:
-            dst_fs.pipe_file(dst.rstrip("/") + "/" + name, src_fs.cat_file(src.rstrip("/") + "/" + name))
-    if hash_of(dest, storage_options=storage_options) != checkpoint_hash:
-        raise StoreError(f"upsampler checkpoint {checkpoint!r} changed while it was copied into {store_uri!r}; rerun")
+        if file is not None:
+            dst_fs.pipe_file(dst.rstrip("/") + "/" + file, src_fs.cat_file(src))
+        else:
+            for name in _FILES:
+                dst_fs.pipe_file(dst.rstrip("/") + "/" + name, src_fs.cat_file(src.rstrip("/") + "/" + name))
+    if stored_hash() != checkpoint_hash:
+        raise StoreError(f"upsampler weights {source!r} changed while they were copied into {store_uri!r}; rerun")
 
 
 def load_store_upsampler(
@@ -79,7 +105,7 @@ def load_store_upsampler(
 
     Args:
         store_uri: the store's path or URI.
-        attrs: its ``featup`` attributes (``upsampler`` config, ``upsampler_checkpoint_hash``).
+        attrs: its ``featup`` attributes (``upsampler`` config, ``upsampler_spec``, ``upsampler_checkpoint_hash``).
         storage_options: fsspec options.
         device: torch device of the module.
 
@@ -98,18 +124,20 @@ def load_store_upsampler(
         except CheckpointError as e:
             raise StoreError(f"store {store_uri!r}: its upsampler config {config!r} cannot be built ({e})") from None
     where = stored_upsampler_uri(store_uri)
+    file = _stored_file(attrs.get("upsampler_spec"))
+    spec = where if file is None else f"{attrs['upsampler_spec']}={where}/{file}"
     try:
-        module = load_upsampler(where, storage_options=storage_options, map_location=device)
+        module = load_upsampler(spec, storage_options=storage_options, map_location=device)
     except CheckpointNotFoundError:
         raise StoreError(
-            f"store {store_uri!r}: its upsampler checkpoint {where!r} is missing; rerun the featurize job on the "
-            "store (it copies the checkpoint again) or featurize with --hires materialized"
+            f"store {store_uri!r}: its upsampler copy {where!r} is missing; rerun the featurize job on the "
+            "store (it copies it again) or featurize with --hires materialized"
         ) from None
     except CheckpointError as e:
-        raise StoreError(f"store {store_uri!r}: its upsampler checkpoint {where!r} is corrupt ({e})") from None
+        raise StoreError(f"store {store_uri!r}: its upsampler copy {where!r} is corrupt ({e})") from None
     if module.checkpoint_hash != expected or module.config_dict() != config:
         raise StoreError(
-            f"store {store_uri!r}: its upsampler checkpoint {where!r} (hash {module.checkpoint_hash[:12]}...) is not "
+            f"store {store_uri!r}: its upsampler copy {where!r} (hash {module.checkpoint_hash[:12]}...) is not "
             f"the one the store was made with ({str(expected)[:12]}...); restore it or featurize again"
         )
     return module

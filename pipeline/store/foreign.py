@@ -1,5 +1,7 @@
 """What makes a feature store readable by other Zarr v3 clients (xarray, tensorstore, pyarrow), format 2.
 
+- **Checksums**: every array's codec chain ends with ``crc32c`` (:func:`checksummed`; what a failed check
+  becomes: :mod:`pipeline.store.checksum`).
 - **Named dimensions**: every array has ``dimension_names`` (:data:`DIMENSIONS`), so ``xarray.open_zarr(store)``
   opens the group as one ``Dataset`` (pass ``mask_and_scale=False``: otherwise xarray reads the fill value 0 of the
   feature arrays as missing).
@@ -22,10 +24,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StoreMismatchError
-from pipeline.store.checksum import checksummed
 
-__all__ = ["DIMENSIONS", "ROWS_PATH", "array_kwargs", "check_resumable_format", "read_rows_sidecar",
-           "rows_sidecar_group", "write_rows_sidecar"]
+__all__ = ["DIMENSIONS", "ROWS_PATH", "array_kwargs", "check_resumable_format", "checksummed", "has_checksums",
+           "read_rows_sidecar", "rows_sidecar_group", "write_rows_sidecar"]
 
 #: ``dimension_names`` of each array. Names shared between arrays have one size across the store (xarray's rule).
 DIMENSIONS: dict[str, tuple[str, ...]] = {
@@ -47,6 +48,29 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
 ROWS_PATH: str = "rows/parquet"
 #: Attribute key on each array (the group's is ``pipeline.store.schema.ATTRS_KEY``, the same name).
 _ARRAY_ATTRS_KEY = "featup"
+
+
+def checksummed(compressors: Any) -> list[Any]:
+    """``compressors`` (a codec, a list of them or None) with ``crc32c`` appended: the bytes-to-bytes chain of a
+    format-2 array (:mod:`pipeline.store.checksum` says what a failed check becomes)."""
+    from zarr.codecs import Crc32cCodec
+
+    if compressors is None:
+        chain: list[Any] = []
+    elif isinstance(compressors, (list, tuple)):
+        chain = list(compressors)
+    else:
+        chain = [compressors]
+    if not any(isinstance(c, Crc32cCodec) for c in chain):
+        chain.append(Crc32cCodec())
+    return chain
+
+
+def has_checksums(arr: Any) -> bool:
+    """True when ``arr``'s chunks (the inner chunks of a sharded array) carry a crc32c."""
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(c, Crc32cCodec) for c in getattr(arr, "compressors", ()) or ())
 
 
 def array_kwargs(name: str, kwargs: dict[str, Any], *, feature_dtype: str | None = None) -> dict[str, Any]:

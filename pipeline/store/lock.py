@@ -110,6 +110,8 @@ def store_lock(uri: str, storage_options: dict[str, Any] | None = None, *, job: 
                 if held is not None and held.get("token") == token:
                     break
             held = _read(fs, path) or {}
+            if held.get("token") == token:  # our put landed but its answer was lost; the retry saw our own lock
+                break
             stale = held.get("host") == host and isinstance(held.get("pid"), int) and not _alive(held["pid"])
             if stale:
                 fs.rm_file(path)

@@ -87,8 +87,8 @@ class TrainJobConfig:
     """
 
     input: str = flag(help="images: local folder / s3:// prefix, COCO root (with --split), tar shards or parquet "
-                      "files", group="data")
-    output: str = flag(help="storage path for checkpoints and metrics (local or s3://)", group="run")
+                      "files", group="data", path="input")
+    output: str = flag(help="storage path for checkpoints and metrics (local or s3://)", group="run", path="output")
     name: str = flag("jbu", "run name; the same --output/--name resumes", group="run")
     kind: Literal["auto", "coco", "folder", "tar", "parquet"] = flag("auto", "input kind (default: detect)",
                                                                      group="data")
@@ -103,7 +103,7 @@ class TrainJobConfig:
     backbones: tuple[str, ...] = flag((), "several backbones for feature-agnostic training (one per step, "
                                       "round-robin)", group="model")
     weights: str | None = flag(None, "backbone weights: default/timm/packaged/random or a local or s3:// file",
-                               group="model")
+                               group="model", path="input")
     feature_agnostic: bool = flag(True, "upsampler without the final channel mix, usable with any backbone "
                                   "(default on)", group="model")
     fixup: bool | None = flag(None, "FeatUp's kernel fix-up MLP in every JBU layer (default: the method's, on, as "
