@@ -118,9 +118,11 @@ def _normalise(images: np.ndarray, backbone: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def _upsample(up: Any, low: torch.Tensor, x: torch.Tensor, batch: int = 4) -> torch.Tensor:
-    """``(N, C, h, w)`` low-res + ``(N, 3, S, S)`` guidance -> ``(N, C, S, S)`` float16."""
+    """``(N, C, h, w)`` low-res + ``(N, 3, S, S)`` guidance -> ``(N, C, S, S)`` float16, contiguous (the backbone's
+    features come channels-last and bilinear keeps that layout: copying scenes out of it ran 4x slower)."""
     size = (int(x.shape[-2]), int(x.shape[-1]))
-    return torch.cat([up(low[i : i + batch], x[i : i + batch], size).half() for i in range(0, len(low), batch)])
+    return torch.cat([up(low[i : i + batch], x[i : i + batch], size).half().contiguous()
+                      for i in range(0, len(low), batch)])
 
 
 def _train(train: _Features, k: int, protocol: str, seed: int, epochs: int, lbfgs: LBFGSConfig) -> tuple[Any, dict]:

@@ -1,5 +1,6 @@
 """Latency and peak memory of each upsampler kind alone (no backbone): ``up(lowres, image, size)`` per call, against
-bilinear in the same run; for UPLiFT also the time of each 2x step (the upstream publishes per-step times).
+bilinear in the same run; for UPLiFT also the time of each 2x step (the upstream publishes per-step times; the
+first step's time includes UPLiFT's image encoder, which runs once per call).
 
     python benchmarks/upsampler_latency.py                                    # CPU, float32, 16^2 -> 224^2
     python benchmarks/upsampler_latency.py --grid 32 --size 448 --dtype bfloat16 --repeats 20   # on a GPU
@@ -64,7 +65,9 @@ def _row(args: argparse.Namespace, label: str, spec: str) -> dict[str, Any]:
         ms = _timed(lambda: up(feats, image, size), device, args.repeats)
         steps = []
         if label.startswith("uplift"):  # cumulative time of k steps, k = 1.. : the per-step time is the difference
-            k_max = max(1, (args.size // args.grid).bit_length() - 1)
+            k_max = 1  # the fewest 2x steps reaching the output size (what the call above ran)
+            while args.grid * 2**k_max < args.size:
+                k_max += 1
             prev = 0.0
             for k in range(1, k_max + 1):
                 t = _timed(lambda k=k: up(feats, image, steps=k), device, args.repeats)
