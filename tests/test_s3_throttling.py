@@ -146,3 +146,20 @@ def test_a_lost_answer_to_the_lock_put_does_not_refuse_the_job(s3_server, source
         with store_lock(f"s3://{BUCKET}/locked.zarr", {"client_kwargs": {"endpoint_url": p.url}}):
             pass
         assert p.counts["reset_after PUT"] == 1
+
+
+def test_an_input_read_still_throttled_after_the_retries_leaves_the_unit_pending_not_a_failed_row(s3_server, source):
+    """Throttling is the store's fault, not the image's: the read raises (the unit fails, stays pending, and a rerun
+    retries it) instead of recording a failed row no rerun would retry; a missing image is still a failed row."""
+    from pipeline.io.decode import read_and_decode
+
+    with FaultProxy(s3_server, slowdown=1.0, reset=0.0) as always:
+        so = {"skip_instance_cache": True, "client_kwargs": {"endpoint_url": always.url},
+              "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}}}
+        uri = f"{source}/bird_full.jpg"
+        with pytest.raises(StorageAccessError, match="stays pending") as info:
+            list(read_and_decode([uri], so, size=(32, 32), policy="crop"))
+        assert "\n" not in str(info.value) and uri in str(info.value)
+    direct = {"skip_instance_cache": True, "client_kwargs": {"endpoint_url": s3_server}}
+    rows = list(read_and_decode([f"{source}/no_such_photo.jpg"], direct, size=(32, 32), policy="crop"))
+    assert rows[0][1] is None and rows[0][2].startswith("read failed (FileNotFoundError")

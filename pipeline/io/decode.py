@@ -17,6 +17,7 @@ What :func:`decode_image` does, in order:
 """
 from __future__ import annotations
 
+import errno
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import ConfigError, DecodeError
+from pipeline.errors import ConfigError, DecodeError, StorageAccessError
 
 if TYPE_CHECKING:
     import torch
@@ -246,14 +247,36 @@ def normalize(
     return x.sub_(m).div_(s)
 
 
+#: errno values of a storage service that is busy or unreachable (s3fs reports ``503 SlowDown`` as EBUSY)
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ECONNABORTED, errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def _transient(exc: BaseException) -> bool:
+    """A read error that is the storage's, not the image's: throttling, resets, timeouts, an unreachable endpoint
+    (a missing, forbidden or cut-short file is the image's: a failed row)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3")
+
+
 def read_and_decode(
     uris: Sequence[str],
     storage_options: dict[str, Any] | None = None,
     **decode_kwargs: Any,
 ) -> Iterator[tuple[int, Decoded | None, str]]:
     """Read and decode images, one ``(index, decoded or None, reason)`` per uri in order: the one loop behind every
-    stage that turns uris into pixels. An unreadable or undecodable image gives ``None`` and a one-line reason (a
-    failed row), never an exception.
+    stage that turns uris into pixels. An image that does not exist, may not be read, or does not decode gives
+    ``None`` and a one-line reason (a failed row).
+
+    Raises:
+        StorageAccessError: a read failed for a reason that is not the image's (throttling, a reset connection,
+            a timeout) after the storage client's own retries: the unit fails and stays pending for a rerun
+            instead of recording a failed row that no rerun would retry.
 
     Args:
         uris: local paths or URIs (read concurrently by :func:`pipeline.io.sources.read_many`).
@@ -262,9 +285,16 @@ def read_and_decode(
     """
     from pipeline.io.sources import read_many
 
-    for i, data in enumerate(read_many(list(uris), storage_options, return_exceptions=True)):
+    uris = list(uris)
+    for i, data in enumerate(read_many(uris, storage_options, return_exceptions=True)):
         if isinstance(data, BaseException):
-            yield i, None, f"read failed ({type(data).__name__}: {' '.join(str(data).split())[:200]})"
+            text = f"{type(data).__name__}: {' '.join(str(data).split())[:200]}"
+            if _transient(data):  # throttled, reset, timed out: not the image's fault
+                raise StorageAccessError(
+                    f"reading {uris[i]!r} failed after the storage client's retries ({text}); rerun the job to "
+                    "resume (this unit stays pending), or raise the retries in --storage-options"
+                ) from data
+            yield i, None, f"read failed ({text})"
             continue
         try:
             yield i, decode_image(data, **decode_kwargs), ""
