@@ -357,10 +357,10 @@ def store_summary(uri: str, storage_options: dict[str, Any] | None = None) -> st
     raw = schema.row_bytes * counts["complete"]
     ratio = f", {raw / on_disk:.2f}x compression" if on_disk and raw else ""
     pca = a.get("pca")
-    up = a.get("upsampler") or {}
+    up = a.get("upsampler_spec") or (a.get("upsampler") or {}).get("kind", "?")
     lines = [
         f"store      {uri}",
-        f"features   {a.get('backbone')} -> {up.get('kind', '?')} upsampler; lowres {schema.channels}x"
+        f"features   {a.get('backbone')} -> {up} upsampler; lowres {schema.channels}x"
         f"{schema.lowres_size[0]}x{schema.lowres_size[1]}, hires {schema.channels}x{schema.output_size[0]}x"
         f"{schema.output_size[1]} {schema.dtype}" + (f" (PCA to {pca['k']} channels)" if pca else "")
         + (" produced on read from lowres + guidance (compact store)" if schema.on_read else ""),
