@@ -771,6 +771,8 @@ def train_lbfgs_segmentation_probe(
         and the fit's :class:`LBFGSResult`.
     """
     x, y = collect_pixels(loader, per_image, seed, device)
+    if len(y) == 0:
+        raise ConfigError("the L-BFGS probe found no labelled training pixels; check the labels (all 255?)")
     if int(y.max()) >= num_classes or int(y.min()) < 0:
         raise ConfigError(f"probe labels reach class {int(y.max())} but num_classes is {num_classes}; "
                           "pass the label set's class count")
