@@ -397,3 +397,35 @@ def test_probe_upsamplers_benchmark_reports_every_protocol_against_bilinear(tmp_
             assert all(c["d_miou"] == 0 for c in row["protocols"].values())
     text = capsys.readouterr().out
     assert "above under all" in text and text.count("protocol lbfgs-raw:") == 1
+
+
+def test_the_adamw_probe_advances_a_shard_samplers_epoch_so_batch_order_changes():
+    """A store's ShardBatchSampler shuffles per epoch only when told the epoch: the probe's loop tells it."""
+    from torch.utils.data import DataLoader, Dataset, Sampler
+
+    from pipeline.evaluate.probe import ProbeConfig, train_segmentation_probe
+
+    class Items(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"features": torch.randn(3, 4, 4, generator=g), "label": torch.randint(0, 2, (4, 4), generator=g)}
+
+    class Batches(Sampler):
+        def __init__(self):
+            self.epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+        def __iter__(self):
+            return iter([[0, 1], [2, 3]])
+
+        def __len__(self):
+            return 2
+
+    sampler = Batches()
+    train_segmentation_probe(DataLoader(Items(), batch_sampler=sampler), 2, cfg=ProbeConfig(epochs=3), in_channels=3)
+    assert sampler.epochs == [0, 1, 2]

@@ -277,7 +277,10 @@ def _fit(
     scheduler = _schedule(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_steps)
     losses: list[float] = []
     probe.train()
-    for _ in range(cfg.epochs):
+    sampler = getattr(loader, "batch_sampler", None)
+    for epoch in range(cfg.epochs):
+        if callable(getattr(sampler, "set_epoch", None)):  # a store's ShardBatchSampler: a new order per epoch
+            sampler.set_epoch(epoch)
         total, n = 0.0, 0
         for batch in loader:
             feats, target = _batch_parts(batch, device)
