@@ -24,15 +24,13 @@ from torch import nn
 
 from . import weights as _weights
 from .errors import InputSizeError, UnknownBackboneError
+from .guidance import IMAGENET_MEAN, IMAGENET_STD  # ImageNet normalisation: FeatUp feeds it to every backbone
 
 __all__ = [
     "PRESETS", "Backbone", "BackboneCfg", "BackboneInfo", "describe_backbone", "list_backbones", "load_backbone",
     "nearest_valid_sizes",
 ]
 
-#: ImageNet normalisation; FeatUp feeds it to every backbone.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: OpenAI CLIP's own normalisation (its weights were trained with it).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .baselines import check_upsample_args
 from .config import JBUConfig
+from .published import PUBLISHED
 from .errors import CheckpointError, ConfigError, InputSizeError
 from .jbu import JBUUpsampler
 from .tensor_files import tensor_mapping
@@ -58,13 +59,13 @@ __all__ = [
     "to_featup_state_dict",
 ]
 
-_BASE_URL = "https://marhamilresearch4.blob.core.windows.net/feature-upsampling-public/pretrained/"
 NO_NORM = "-no-norm"
 
 
 @dataclass(frozen=True)
 class FeatUpCheckpoint:
-    """One backbone FeatUp published JBU checkpoints for.
+    """One backbone FeatUp published JBU checkpoints for (derived from the registry,
+    :data:`featup_ops.published.PUBLISHED`, which holds every file's address).
 
     Attributes:
         hub_name: FeatUp's torch.hub entry and file prefix (``<hub_name>_jbu_stack_cocostuff.ckpt``).
@@ -87,28 +88,29 @@ class FeatUpCheckpoint:
 
     @property
     def norm_url(self) -> str:
-        """Address of the ``use_norm=True`` file (variant ``"<hub>"``); MaskCLIP has none."""
-        return f"{_BASE_URL}{self.hub_name}_jbu_stack_cocostuff.ckpt"
+        """Address of the ``use_norm=True`` file (variant ``"<hub>"``); MaskCLIP has none (KeyError)."""
+        return PUBLISHED[f"featup:{self.hub_name}"].url
 
     @property
     def no_norm_url(self) -> str:
         """Address of the ``use_norm=False`` file (variant ``"<hub>-no-norm"``)."""
-        return f"{_BASE_URL}no_norm/{self.hub_name}_jbu_stack_cocostuff.ckpt"
+        return PUBLISHED[f"featup:{self.hub_name}{NO_NORM}"].url
+
+
+def _checkpoints() -> dict[str, FeatUpCheckpoint]:
+    """One entry per FeatUp hub name, in the registry's order."""
+    out: dict[str, FeatUpCheckpoint] = {}
+    for row in PUBLISHED.values():
+        if row.kind == "featup":
+            hub = row.variant.removesuffix(NO_NORM)
+            has_norm = hub in out and out[hub].has_norm or not row.variant.endswith(NO_NORM)
+            preset = row.backbones[0] if row.backbones else None
+            out[hub] = FeatUpCheckpoint(hub, preset, int(row.dim), row.note, has_norm)
+    return out
 
 
 #: FeatUp hub name -> its published checkpoints and the backbone preset they belong to.
-FEATUP_CHECKPOINTS: dict[str, FeatUpCheckpoint] = {
-    c.hub_name: c
-    for c in (
-        FeatUpCheckpoint("dino16", "dino_vits16", 384, "DINO ViT-S/16"),
-        FeatUpCheckpoint("dinov2", "dinov2_vits14", 384, "DINOv2 ViT-S/14 (no registers)"),
-        FeatUpCheckpoint("clip", "clip_vitb16", 512, "OpenAI CLIP ViT-B/16, projected patch tokens"),
-        FeatUpCheckpoint("maskclip", None, 512, "MaskCLIP ViT-B/16 (value path of the last block); no preset here",
-                         has_norm=False),
-        FeatUpCheckpoint("vit", "vit_s16", 384, "supervised ViT-S/16"),
-        FeatUpCheckpoint("resnet50", "resnet50", 2048, "ResNet-50 layer4"),
-    )
-}
+FEATUP_CHECKPOINTS: dict[str, FeatUpCheckpoint] = _checkpoints()
 
 #: Every published variant: ``"<hub>"`` (ChannelNorm) and ``"<hub>-no-norm"``; MaskCLIP only without norm.
 FEATUP_VARIANTS: tuple[str, ...] = tuple(

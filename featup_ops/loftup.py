@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from .attention_tiles import tile_spans
 from .baselines import check_upsample_args
 from .errors import CheckpointError, ConfigError, InputSizeError
+from .published import PUBLISHED
 from .tensor_files import tensor_mapping
 from .weights import state_dict_mismatches
 
@@ -107,15 +108,12 @@ class LoftUpVariant:
         return f"https://huggingface.co/{self.hf_repo}/resolve/main/{LOFTUP_FILENAME}"
 
 
-#: Every published checkpoint (publisher: github.com/andrehuang/loftup, MIT), by this project's variant name.
+#: Every published checkpoint (publisher: github.com/andrehuang/loftup, MIT), by this project's variant name, derived
+#: from the registry (:data:`featup_ops.published.PUBLISHED`, the one place the files' facts are written down).
 LOFTUP_VARIANTS: dict[str, LoftUpVariant] = {
-    "dinov2s": LoftUpVariant(384, "haiwen/loftup-dinov2s", "loftup_dinov2s", "DINOv2 ViT-S/14"),
-    "dinov2s-reg": LoftUpVariant(384, "haiwen/loftup-dinov2s_reg", "loftup_dinov2s_reg", "DINOv2 ViT-S/14 + registers"),
-    "dinov2b": LoftUpVariant(768, "haiwen/loftup-dinov2b", "loftup_dinov2b", "DINOv2 ViT-B/14"),
-    "dinov2b-reg": LoftUpVariant(768, "haiwen/loftup-dinov2b_reg", "loftup_dinov2b_reg", "DINOv2 ViT-B/14 + registers"),
-    "clip": LoftUpVariant(512, "haiwen/loftup-clip", "loftup_clip", "CLIP ViT-B/16"),
-    "siglip": LoftUpVariant(768, "haiwen/loftup-siglip", "loftup_siglip", "SigLIP ViT-B/16"),
-    "siglip2": LoftUpVariant(768, "haiwen/loftup-siglip2", "loftup_siglip2", "SigLIP 2 ViT-B/16"),
+    row.variant: LoftUpVariant(int(row.dim), str(row.hf_repo), "loftup_" + str(row.hf_repo).rsplit("/loftup-", 1)[1],
+                               row.note)
+    for row in PUBLISHED.values() if row.kind == "loftup"
 }
 
 
