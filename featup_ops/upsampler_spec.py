@@ -44,6 +44,7 @@ __all__ = [
     "finish_loaded",
     "load_named_upsampler",
     "parse_upsampler_spec",
+    "read_published",
     "spec_identity",
 ]
 
@@ -190,6 +191,21 @@ def fetch_published(entry: PublishedUpsampler) -> str:
     local.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(entry.url, str(local), hash_prefix=entry.sha256, progress=False)
     return str(local)
+
+
+def read_published(spec: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str, bytes] | None:
+    """Fetch (if needed) and read a publisher's file once: ``(KIND:VARIANT=<where it was read>, its bytes)`` for a
+    ``KIND:VARIANT[=PATH]`` spec, None for every other spec (fixed kinds, JBU checkpoints of ours, bare paths).
+
+    Raises:
+        CheckpointNotFoundError / CheckpointError: as :func:`fetch_published` and reading the file.
+    """
+    parsed = parse_upsampler_spec(spec)
+    entry = published_entry(parsed.kind, str(parsed.variant)) if parsed.variant else None
+    if entry is None:
+        return None
+    where = parsed.path or fetch_published(entry)
+    return f"{entry.spec}={where}", read_file_bytes(where, storage_options, what="upsampler file")
 
 
 # --- building -------------------------------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
     """
     from featup_ops.backbones import describe_backbone
     from featup_ops.defaults import default_upsampler_for
-    from featup_ops.upsampler_spec import check_fits_backbone
+    from featup_ops.upsampler_spec import check_fits_backbone, read_published
 
     manifest = build_manifest(
         cfg.input, kind=cfg.kind, split=cfg.split, limit=cfg.limit, storage_options=cfg.storage_options
@@ -180,13 +180,12 @@ def resolve_featurize(cfg: FeaturizeConfig) -> PlanJob:
         dtype=cfg.dtype, batch_size=cfg.batch_size, storage_options=cfg.storage_options,
         torch_threads=cfg.torch_threads, hires_mode=cfg.hires,
     )
-    upsampler = build_upsampler(model)  # validates the checkpoint; its hash comes with it (one read)
+    published = read_published(model.upsampler, cfg.storage_options)  # fetched/read once, here
+    if published is not None:  # the actors build from these bytes: no download or read per actor or node
+        model = dataclasses.replace(model, upsampler=published[0], upsampler_data=published[1])
+    upsampler = build_upsampler(model)  # validates the weights; their hash comes with them
     check_fits_backbone(upsampler.published, upsampler, backbone=cfg.backbone, dim=info.dim, stride=info.stride)
     _attribute(upsampler, cfg.quiet)
-    if upsampler.published is not None:  # fetched/read once here; the actors get the bytes, not a download each
-        from featup_ops.tensor_files import read_file_bytes
-
-        model = dataclasses.replace(model, upsampler_data=read_file_bytes(upsampler.weights_path, cfg.storage_options))
     on_read = cfg.hires == "on-read"  # compact store mode (pipeline/featurize/compact.py)
     if on_read:
         from pipeline.featurize.compact import check_on_read
